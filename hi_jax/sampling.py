@@ -1,0 +1,148 @@
+"""Sampling of responses and of continuations from shared prefixes.
+
+The sampler has three parts: `prefill` (one teacher-forced pass that fills
+the cache), `fork_cache` (repeats the cache for M continuations), and the
+decode loop `_decode` (one `decode_step` per position, a categorical draw
+from the logits). A prefix is encoded once however many continuations and
+candidate tokens branch from it.
+
+All functions here work on one prefix; callers vmap over prefixes and
+positions. The decode loop runs from a traced start position, so vmapping
+over start positions is allowed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from hi_jax.policy import Policy, PyTree, fork_cache
+
+
+def _decode(key: jax.Array, policy: Policy, cache: PyTree, logits: jax.Array,
+            buffer: jax.Array, start: jax.Array) -> jax.Array:
+    """Samples positions start .. T-1 of every row of `buffer`.
+
+    Args:
+      key: PRNG key; position s draws with fold_in(key, s).
+      policy: the policy.
+      cache: a cache of batch M valid for positions < start.
+      logits: float [M, V], logits of y_start.
+      buffer: int [M, T]; positions < start are kept.
+      start: int scalar in [0, T]; at T nothing is sampled.
+
+    Returns:
+      int [M, T] responses.
+    """
+    T = policy.response_length
+
+    def body(position, carry):
+        buffer, logits, cache = carry
+        tokens = jax.random.categorical(jax.random.fold_in(key, position), logits)
+        tokens = tokens.astype(buffer.dtype)
+        buffer = jax.lax.dynamic_update_slice_in_dim(buffer, tokens[:, None],
+                                                     position, axis=1)
+        logits, cache = policy.decode_step(cache, tokens, position)
+        return buffer, logits, cache
+
+    buffer, _, _ = jax.lax.fori_loop(start, T, body, (buffer, logits, cache))
+    return buffer
+
+
+def prefill_one(policy: Policy, tokens: jax.Array) -> tuple[jax.Array, PyTree]:
+    """Encodes one response once: returns (logits float [T, V], cache of batch 1)."""
+    logits, cache = policy.prefill(tokens[None])
+    return logits[0], cache
+
+
+def continue_prefilled(key: jax.Array, policy: Policy, prefilled, tokens: jax.Array,
+                       start: jax.Array, num: int) -> jax.Array:
+    """Samples `num` continuations of tokens[:start] from a prefilled cache.
+
+    Args:
+      key: PRNG key.
+      policy: the policy.
+      prefilled: `prefill_one(policy, tokens)`.
+      tokens: int [T]; only positions < start are read.
+      start: int scalar in [0, T]; T returns `num` copies of `tokens`.
+      num: M, the number of continuations.
+
+    Returns:
+      int [M, T]; positions < start equal `tokens`.
+    """
+    logits_all, cache = prefilled
+    T = policy.response_length
+    logits = jnp.take(logits_all, jnp.minimum(start, T - 1), axis=0)
+    logits = jnp.broadcast_to(logits, (num,) + logits.shape)
+    buffer = jnp.broadcast_to(tokens, (num, T))
+    return _decode(key, policy, fork_cache(cache, num), logits, buffer, start)
+
+
+def branch_prefilled(key: jax.Array, policy: Policy, prefilled, tokens: jax.Array,
+                     position: jax.Array, candidate: jax.Array, num: int) -> jax.Array:
+    """Samples `num` continuations of (tokens[:position], candidate).
+
+    The candidate token is fed to the forked cache with one `decode_step`,
+    so the prefix tokens[:position] is not encoded again.
+
+    Args:
+      key: PRNG key.
+      policy: the policy.
+      prefilled: `prefill_one(policy, tokens)`.
+      tokens: int [T]; only positions < position are read.
+      position: int scalar in [0, T - 1], where the candidate goes.
+      candidate: int scalar token id.
+      num: M.
+
+    Returns:
+      int [M, T] with column `position` equal to `candidate`.
+    """
+    _, cache = prefilled
+    T = policy.response_length
+    cache = fork_cache(cache, num)
+    candidates = jnp.full((num,), candidate, dtype=tokens.dtype)
+    buffer = jnp.broadcast_to(tokens, (num, T))
+    buffer = jax.lax.dynamic_update_slice_in_dim(buffer, candidates[:, None],
+                                                 position, axis=1)
+    logits, cache = policy.decode_step(cache, candidates, position)
+    return _decode(key, policy, cache, logits, buffer, position + 1)
+
+
+def sample_continuations(key: jax.Array, policy: Policy, tokens: jax.Array,
+                         start: jax.Array, num: int) -> jax.Array:
+    """Samples `num` continuations of tokens[:start]: int [M, T].
+
+    The prefix is encoded once and its cache forked across the
+    continuations. `tokens` is int [T]; `start` is in [0, T].
+    """
+    return continue_prefilled(key, policy, prefill_one(policy, tokens), tokens,
+                              start, num)
+
+
+@functools.partial(jax.jit, static_argnames=("num",))
+def sample_responses(key: jax.Array, policy: Policy, num: int) -> jax.Array:
+    """Samples `num` independent responses from the policy: int [B, T]."""
+    empty = jnp.zeros((policy.response_length,), jnp.int32)
+    return sample_continuations(key, policy, empty, 0, num)
+
+
+@functools.partial(jax.jit, static_argnames=("num",))
+def sample_from_prefixes(key: jax.Array, policy: Policy, prefixes: jax.Array,
+                         lengths: jax.Array, num: int) -> jax.Array:
+    """Samples `num` continuations for each of B prefixes.
+
+    Args:
+      key: PRNG key.
+      policy: the policy.
+      prefixes: int [B, T]; row b keeps positions < lengths[b].
+      lengths: int [B], each in [0, T].
+      num: M continuations per prefix.
+
+    Returns:
+      int [B, M, T].
+    """
+    keys = jax.random.split(key, prefixes.shape[0])
+    return jax.vmap(sample_continuations, in_axes=(0, None, 0, 0, None))(
+        keys, policy, prefixes, lengths, num)
