@@ -83,7 +83,10 @@ class MonteCarloProfile(NamedTuple):
       h0: E[Harm].
       var_harm: Var(Harm), as the sum over t of the per-unit I_t estimates.
       I: harm information I_t.
-      G_norm_sq: ||G_t||^2, the unbiased U-statistic.
+      G_norm_sq: ||G_t||^2, the unbiased U-statistic. Its stderr is a
+        jackknife over groups; when the estimate is within a few stderrs of
+        zero its distribution is skewed and the stderr shrinks with it, so
+        read it as an order of magnitude there.
       cs_pointwise: E_{y<t}[Var(h_t | y<t) * tr F_t(y<t)].
       fisher_trace_mean: E_{y<t}[tr F_t(y<t)].
       fisher_trace_max: the largest tr F_t over the sampled prefixes (stderr
