@@ -286,11 +286,17 @@ def _branch_info(harm_values, weights, is_remainder, plug_in):
       (variance estimate scalar, per-candidate coefficient [C] of
       log p(candidate) in the C_t surrogate).
     """
-    h_hat = harm_values.mean(-1)  # [C]
-    h_sq = (h_hat**2) if plug_in else _u_square(harm_values)  # [C]
     enumerated = jnp.where(is_remainder, 0.0, weights)
     # Remainder draws each stand for half the remainder mass.
     remainder = jnp.where(is_remainder, weights / 2, 0.0)
+    # The variance estimate is exactly invariant to shifting all harm values
+    # by one constant (the weights sum to 1), so centring on the weighted
+    # mean changes nothing but the float32 cancellation error.
+    raw_h_hat = harm_values.mean(-1)  # [C]
+    centre = jax.lax.stop_gradient(((enumerated + remainder) * raw_h_hat).sum())
+    harm_values = harm_values - centre
+    h_hat = raw_h_hat - centre
+    h_sq = (h_hat**2) if plug_in else _u_square(harm_values)  # [C]
     first_moment_sq_terms = enumerated * h_sq + remainder * h_sq
     mean_enumerated = (enumerated * h_hat).sum()
     if plug_in:
@@ -307,7 +313,7 @@ def _branch_info(harm_values, weights, is_remainder, plug_in):
         mean_sq = enum_sq + 2 * mean_enumerated * (remainder * h_hat).sum() \
             + cross_remainder / 2
     variance = first_moment_sq_terms.sum() - mean_sq
-    coefficients = (enumerated + remainder) * h_hat
+    coefficients = (enumerated + remainder) * raw_h_hat
     return variance, coefficients
 
 

@@ -1,0 +1,103 @@
+"""`hi-jax profile`: the importable run function and the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import profile
+from experiments.configs import profile as profile_config
+
+
+def small_config(**overrides):
+    config = profile_config.get_config()
+    config.unlock()
+    config.update(dict(vocab_size=3, response_length=3, horizon=2, num_sequences=12,
+                       num_continuations=2))
+    config.update(overrides)
+    return config
+
+
+def test_run_profile_writes_both_files(tmp_path):
+    result = profile.run_profile(small_config(), str(tmp_path))
+    assert (tmp_path / "profile.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "profile.json").read_text())
+    assert saved["exact"]["I"] == pytest.approx(result["exact"]["I"])
+    for field in ("I", "G_norm_sq", "cs_pointwise", "fisher_trace_mean",
+                  "fisher_trace_max", "h0", "var_harm"):
+        assert field in saved["monte_carlo"]
+        assert field in saved["exact"]
+    assert len(saved["monte_carlo"]["I"]["mean"]) == 3
+    assert len(saved["monte_carlo"]["I"]["stderr"]) == 3
+
+
+def test_run_profile_on_transformer(tmp_path):
+    config = small_config(model="transformer", width=8, depth=1, num_heads=2,
+                          harm="decaying")
+    result = profile.run_profile(config, str(tmp_path))
+    assert len(result["exact"]["I"]) == 3
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path):
+    profile.run_profile(small_config(), str(tmp_path))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        profile.run_profile(small_config(), str(tmp_path))
+    profile.run_profile(small_config(), str(tmp_path), overwrite=True)
+
+
+def test_npz_policy_round_trip(tmp_path):
+    import jax
+    import numpy as np
+    import hi_jax
+    policy = hi_jax.TabularPolicy.random(jax.random.key(0), 3, 3)
+    path = tmp_path / "logits.npz"
+    np.savez(path, **{f"logits_{t}": np.asarray(a)
+                      for t, a in enumerate(policy.logit_tables())})
+    loaded = profile.load_tabular_npz(str(path))
+    np.testing.assert_array_equal(loaded.table, policy.table)
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (dict(model="lstm"), "config.model='lstm' is invalid"),
+    (dict(num_sequences=0), "config.num_sequences=0 is out of range"),
+    (dict(num_continuations=1), "config.num_continuations=1 is out of range"),
+    (dict(horizon=4), r"config.horizon=4 is out of range; allowed: \[1, 3\]"),
+    (dict(decay=0.0), r"config.decay=0.0 is out of range; allowed: \(0.0, 1.0\]"),
+    (dict(top_k=3), r"config.top_k=3 is out of range; allowed: \[0, 2\]"),
+    (dict(model="npz"), "config.logits_path must name an .npz file"),
+    (dict(model="npz", logits_path="/nonexistent.npz"), "not found"),
+])
+def test_invalid_config_fields_raise(tmp_path, overrides, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        profile.run_profile(small_config(**overrides), str(tmp_path))
+
+
+def _run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "experiments.cli", *args],
+                          capture_output=True, text=True, cwd=cwd,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+
+
+def test_command_line_prints_workdir_last(tmp_path):
+    workdir = tmp_path / "run"
+    result = _run_cli("profile", f"--workdir={workdir}", "--config.vocab_size=2",
+                      "--config.response_length=3", "--config.horizon=2",
+                      "--config.num_sequences=6", "--config.num_continuations=2",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == str(workdir)
+    assert (workdir / "profile.json").exists()
+
+
+def test_command_line_rejects_unknown_field(tmp_path):
+    result = _run_cli("profile", "--config.no_such_field=1", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "no_such_field" in result.stderr
+
+
+def test_command_line_rejects_unknown_command(tmp_path):
+    result = _run_cli("train", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown command 'train'" in result.stderr
