@@ -204,3 +204,21 @@ def test_raw_uint32_key_is_accepted():
     estimate = estimate_profile(jax.random.PRNGKey(0), policy, harm, num_sequences=6,
                                 num_continuations=2)
     assert estimate.I.mean.shape == (3,)
+
+
+def test_transformer_fields_agree_with_exact_oracle():
+    from hi_jax.transformer import TransformerConfig, TransformerPolicy
+    V, T = 3, 3
+    config = TransformerConfig(vocab_size=V, response_length=T, width=8, depth=1,
+                               num_heads=2)
+    policy = TransformerPolicy.init(jax.random.key(1), config)
+    policy = policy.replace_params(jax.tree.map(lambda x: x * 3.0, policy.params))
+    harm = TableHarm(jax.random.uniform(jax.random.key(2), (V,) * T))
+    exact = exact_profile(policy, harm)
+    for options in (dict(info_method="rao_blackwell"),
+                    dict(info_method="pick_freeze", fisher_method="hutchinson")):
+        estimate = estimate_profile(jax.random.key(3), policy, harm, num_sequences=256,
+                                    num_continuations=3, **options)
+        for field in FIELDS + ("h0", "var_harm"):
+            z = z_scores(getattr(estimate, field), getattr(exact, field))
+            assert np.all(np.abs(z) < Z_MAX), (options, field, z)

@@ -132,3 +132,32 @@ def test_bad_harm_values_raise(fn, fragment):
     with pytest.raises(ValueError, match=fragment) as info:
         exact_profile(policy, Harm(fn, name="bad harm"))
     assert "bad harm" in str(info.value)
+
+
+def tiny_transformer(V, T, seed):
+    from hi_jax.transformer import TransformerConfig, TransformerPolicy
+    config = TransformerConfig(vocab_size=V, response_length=T, width=8, depth=1,
+                               num_heads=2, prompt=(1,))
+    policy = TransformerPolicy.init(jax.random.key(seed), config)
+    # Three times the default init: the conditionals then depend visibly on
+    # the prefix while no token is close to certain.
+    return policy.replace_params(jax.tree.map(lambda x: x * 3.0, policy.params))
+
+
+def test_transformer_identities():
+    V, T, horizon = 3, 4, 2
+    policy = tiny_transformer(V, T, 0)
+    harm = HorizonHarm(jax.random.uniform(jax.random.key(9), (V,) * horizon), horizon)
+    profile = exact_profile(policy, harm, return_gradients=True)
+    np.testing.assert_allclose(profile.I.sum(), profile.var_harm, rtol=1e-4)
+    np.testing.assert_allclose(profile.I[horizon:], 0.0, atol=1e-7)
+    np.testing.assert_allclose(profile.G_norm_sq[horizon:], 0.0, atol=1e-10)
+    assert np.all(profile.I[:horizon] > 1e-5)
+    direct = jax.grad(lambda p: brute_force_mean_harm(policy.replace_params(p), harm))(
+        policy.params)
+    summed = jax.tree.map(lambda g: g.sum(0), profile.G)
+    for got, want in zip(jax.tree.leaves(summed), jax.tree.leaves(direct)):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    slack = 1e-8
+    assert np.all(profile.G_norm_sq <= profile.cs_pointwise + slack)
+    assert np.all(profile.cs_pointwise <= profile.fisher_trace_max * profile.I + slack)
