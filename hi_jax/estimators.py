@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hi_jax import sampling
+from hi_jax import sampling, sharding
 from hi_jax.harms import Harm, as_harm, check_harm_values
 from hi_jax.policy import Policy
 
@@ -127,8 +127,8 @@ class EstimatorSettings:
 def estimate_profile(key: jax.Array, policy: Policy, harm, num_sequences: int = 256,
                      num_continuations: int = 8, info_method: str = "rao_blackwell",
                      top_k: int | None = None, fisher_method: str = "exact",
-                     num_probes: int = 4, num_groups: int | None = None
-                     ) -> MonteCarloProfile:
+                     num_probes: int = 4, num_groups: int | None = None,
+                     mesh: jax.sharding.Mesh | None = None) -> MonteCarloProfile:
     """Estimates I_t, ||G_t||^2, the Fisher traces and the bound per position.
 
     Args:
@@ -147,6 +147,10 @@ def estimate_profile(key: jax.Array, policy: Policy, harm, num_sequences: int = 
       num_groups: K >= 3 groups of units for the ||G_t||^2 U-statistic and
         the jackknife standard errors; must divide N. The default is the
         largest divisor of N not above 32.
+      mesh: a one-axis `jax.sharding.Mesh` over which the outer samples of
+        each group are sharded (for example `sharding.batch_mesh()` over all
+        local devices); N / num_groups must be divisible by its size. None
+        runs on the default device. The numbers do not depend on the mesh.
 
     Returns:
       A `MonteCarloProfile` of [T] estimates.
@@ -163,7 +167,12 @@ def estimate_profile(key: jax.Array, policy: Policy, harm, num_sequences: int = 
     _probe_harm(harm, policy)
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)
-    raw = _estimate_raw(key, policy, harm, settings)
+    unit_sharding = None
+    if mesh is not None:
+        unit_sharding = sharding.unit_sharding(
+            mesh, settings.num_sequences // settings.num_groups,
+            "num_sequences / num_groups")
+    raw = _estimate_raw(key, policy, harm, settings, unit_sharding)
     raw = jax.device_get(raw)
     check_harm_values(harm.name, np.array([raw["harm_min"], raw["harm_max"]]))
     if raw["harm_nan"] > 0:
@@ -417,13 +426,15 @@ def _hutchinson_fisher_traces(key, log_probs_of, params, probs, num_probes):
     return jax.vmap(one_probe)(jax.random.split(key, num_probes)).mean(0)
 
 
-@functools.partial(jax.jit, static_argnames=("harm", "settings"))
-def _estimate_raw(key, policy, harm, settings: EstimatorSettings):
+@functools.partial(jax.jit, static_argnames=("harm", "settings", "unit_sharding"))
+def _estimate_raw(key, policy, harm, settings: EstimatorSettings, unit_sharding=None):
     K = settings.num_groups
     per_group = settings.num_sequences // K
     T = policy.response_length
     unit_keys = jax.random.split(key, settings.num_sequences)
     unit_keys = unit_keys.reshape((K, per_group) + unit_keys.shape[1:])
+    if unit_sharding is not None:
+        unit_keys = jax.lax.with_sharding_constraint(unit_keys, unit_sharding)
 
     def group(keys):
         stats = jax.vmap(lambda k: _unit(k, policy, harm, settings))(keys)

@@ -1,0 +1,48 @@
+"""Device meshes for the batch axes of estimators and training steps.
+
+One program runs on one CPU, one GPU, or a slice of accelerators: batch
+axes (outer samples, continuations, responses) are sharded over a
+one-dimensional `jax.sharding.Mesh` named "batch", and XLA partitions the
+vmapped computation. Results do not depend on the number of devices,
+because every random draw comes from keys split before sharding.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+BATCH_AXIS = "batch"
+
+
+def batch_mesh(devices=None) -> Mesh:
+    """A one-axis mesh named "batch" over `devices` (default: all local devices)."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    if not devices:
+        raise ValueError("batch_mesh needs at least one device; got an empty list")
+    return Mesh(np.array(devices), (BATCH_AXIS,))
+
+
+def _check_divisible(mesh: Mesh, size: int, what: str) -> None:
+    count = mesh.shape[BATCH_AXIS]
+    if size % count:
+        raise ValueError(f"{what}={size} must be divisible by the {count} devices of "
+                         "the mesh; change the sample counts or use fewer devices")
+
+
+def unit_sharding(mesh: Mesh, per_group: int, what: str) -> NamedSharding:
+    """Sharding of [K, n] keys: the n outer samples of each group split over devices."""
+    _check_divisible(mesh, per_group, what)
+    return NamedSharding(mesh, PartitionSpec(None, BATCH_AXIS))
+
+
+def batch_sharding(mesh: Mesh, batch_size: int, what: str = "batch_size") -> NamedSharding:
+    """Sharding of an array whose leading axis is a batch of `batch_size`."""
+    _check_divisible(mesh, batch_size, what)
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding that keeps a full copy on every device (parameters, for example)."""
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,66 @@
+"""Sharded and unsharded runs give the same numbers for the same keys.
+
+XLA fixes the number of host devices when JAX starts, so each check runs a
+script in a fresh Python process with four forced CPU devices.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_with_devices(script: str, num_devices: int = 4) -> str:
+    env = dict(os.environ,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+               JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)],
+                            capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_estimators_sharded_equal_unsharded():
+    out = run_with_devices("""
+        import jax, numpy as np
+        from hi_jax import TableHarm, TabularPolicy, estimate_profile
+        from hi_jax.sharding import batch_mesh
+        from hi_jax.transformer import TransformerConfig, TransformerPolicy
+        assert jax.device_count() == 4, jax.devices()
+        tabular = TabularPolicy.random(jax.random.key(0), 3, 4)
+        transformer = TransformerPolicy.init(jax.random.key(1), TransformerConfig(
+            vocab_size=3, response_length=4, width=8, depth=1, num_heads=2))
+        harm = TableHarm(jax.random.uniform(jax.random.key(2), (3,) * 4))
+        for policy in (tabular, transformer):
+            for method in ("rao_blackwell", "pick_freeze"):
+                kwargs = dict(num_sequences=32, num_continuations=2, num_groups=4,
+                              info_method=method)
+                plain = estimate_profile(jax.random.key(3), policy, harm, **kwargs)
+                sharded = estimate_profile(jax.random.key(3), policy, harm,
+                                           mesh=batch_mesh(), **kwargs)
+                for field in ("I", "G_norm_sq", "cs_pointwise", "fisher_trace_mean"):
+                    a, b = getattr(plain, field), getattr(sharded, field)
+                    np.testing.assert_allclose(a.mean, b.mean, rtol=1e-5, atol=1e-7)
+                    np.testing.assert_allclose(a.stderr, b.stderr, rtol=1e-4, atol=1e-7)
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+def test_mesh_size_must_divide_batch():
+    out = run_with_devices("""
+        import jax
+        from hi_jax import TableHarm, TabularPolicy, estimate_profile
+        from hi_jax.sharding import batch_mesh
+        policy = TabularPolicy.random(jax.random.key(0), 2, 2)
+        harm = TableHarm(jax.numpy.ones((2, 2)) * 0.5)
+        try:
+            estimate_profile(jax.random.key(0), policy, harm, num_sequences=18,
+                             num_continuations=2, num_groups=3, mesh=batch_mesh())
+        except ValueError as error:
+            print(error)
+    """)
+    assert "num_sequences / num_groups=6 must be divisible by the 4 devices" in out
