@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from absl import app
+from absl import app, flags, logging
 
 COMMANDS = {
     "profile": ("experiments.profile", "harm-information profile of one policy"),
@@ -22,8 +22,59 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    # ml_collections reports an unknown field as the quoted field name alone.
+    bare = text.strip("\"'")
+    if isinstance(error, (AttributeError, KeyError)) and bare.isidentifier():
+        return f"unknown config field {bare!r}"
+    return text
+
+
+# Errors of config files and flags: a missing file, a file without
+# get_config, a syntax error, an unknown field or a value of the wrong type.
+_CONFIG_ERRORS = (flags.Error, AttributeError, KeyError, ImportError, OSError, TypeError,
+                  ValueError, SyntaxError)
+
+
+def _exit_invalid_config(command: str, error: BaseException):
+    print(f"hi-jax {command}: invalid flags or config: {_one_line(error)}",
+          file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(command: str):
+    def parse(argv):
+        try:
+            remaining = flags.FLAGS(argv)
+            # config_flags loads the file lazily; reading it raises any load error.
+            if "config" in flags.FLAGS:
+                flags.FLAGS["config"].value.to_dict()
+            return remaining
+        except _CONFIG_ERRORS as error:
+            _exit_invalid_config(command, error)
+    return parse
+
+
+def _guarded(command: str, main):
+    def run_main(argv):
+        try:
+            main(argv)
+        except (ValueError, TypeError, FileExistsError, FloatingPointError) as error:
+            logging.error("hi-jax %s failed: %s", command, error)
+            print(f"hi-jax {command}: error: {_one_line(error)}", file=sys.stderr)
+            sys.exit(1)
+    return run_main
+
+
 def run(argv: list[str] | None = None) -> None:
-    """Entry point of the console script."""
+    """Entry point of the console script.
+
+    Invalid flags or config files exit with status 2, and invalid values
+    found before the work starts (ValueError, TypeError, an existing run
+    directory) or a NaN during training exit with status 1. Either way the
+    command prints one line naming the problem to stderr.
+    """
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(usage())
@@ -33,8 +84,13 @@ def run(argv: list[str] | None = None) -> None:
         print(f"hi-jax: unknown command {command!r}; expected one of "
               f"{', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(COMMANDS[command][0])
-    app.run(module.main, argv=[f"hi-jax {command}"] + argv[2:])
+    try:
+        # Defining the config flag already applies the --config.FIELD overrides.
+        module = importlib.import_module(COMMANDS[command][0])
+    except _CONFIG_ERRORS as error:
+        _exit_invalid_config(command, error)
+    app.run(_guarded(command, module.main), argv=[f"hi-jax {command}"] + argv[2:],
+            flags_parser=_parse_flags(command))
 
 
 if __name__ == "__main__":

@@ -91,10 +91,33 @@ def test_command_line_prints_workdir_last(tmp_path):
     assert (workdir / "profile.json").exists()
 
 
-def test_command_line_rejects_unknown_field(tmp_path):
-    result = _run_cli("profile", "--config.no_such_field=1", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "no_such_field" in result.stderr
+@pytest.mark.parametrize("flag,fragment", [
+    ("--config.no_such_field=1", "unknown config field 'no_such_field'"),
+    ("--config=/nonexistent/config.py", "No such file or directory"),
+    ("--config.num_sequences=abc", "invalid literal for int()"),
+])
+def test_command_line_rejects_bad_config_in_one_line(tmp_path, flag, fragment):
+    result = _run_cli("profile", flag, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("hi-jax profile: invalid flags or config:")
+    assert fragment in lines[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_command_line_rejects_config_without_get_config(tmp_path):
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    result = _run_cli("profile", f"--config={tmp_path / 'empty.py'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "has no attribute 'get_config'" in result.stderr
+
+
+def test_command_line_reports_invalid_value_in_one_line(tmp_path):
+    result = _run_cli("profile", "--config.num_sequences=0", f"--workdir={tmp_path}/r",
+                      cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "hi-jax profile: error: config.num_sequences=0 is out of range; allowed: >= 3")
 
 
 def test_command_line_rejects_unknown_command(tmp_path):
