@@ -164,6 +164,7 @@ def estimate_profile(key: jax.Array, policy: Policy, harm, num_sequences: int = 
     settings = _validate_settings(key, policy, num_sequences, num_continuations,
                                   info_method, top_k, fisher_method, num_probes,
                                   num_groups)
+    harm.check_compatible(policy.vocab_size, policy.response_length)
     _probe_harm(harm, policy)
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)

@@ -105,6 +105,7 @@ def exact_profile(policy: Policy, harm, limit: int = MAX_ENUMERATED_RESPONSES,
     harm = as_harm(harm)
     V, T = policy.vocab_size, policy.response_length
     check_enumerable(V, T, limit)
+    harm.check_compatible(V, T)
     if fisher_batch_size < 1:
         raise ValueError(f"fisher_batch_size must be >= 1; got {fisher_batch_size}")
     responses = enumerate_responses(V, T, limit)

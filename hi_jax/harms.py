@@ -42,6 +42,13 @@ class Harm:
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return self.fn(tokens)
 
+    def check_compatible(self, vocab_size: int, response_length: int) -> None:
+        """Raises ValueError if the harm cannot read responses of this V and T."""
+        if self.horizon is not None and self.horizon > response_length:
+            raise ValueError(
+                f"harm {self.name!r} has horizon {self.horizon}, beyond the response "
+                f"length T={response_length}; the horizon must be in [0, T]")
+
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r}, horizon={self.horizon})"
 
@@ -64,6 +71,13 @@ class TableHarm(Harm):
         self.vocab_size = table.shape[0]
         self.response_length = table.ndim
         super().__init__(self._lookup, name=name, horizon=None)
+
+    def check_compatible(self, vocab_size: int, response_length: int) -> None:
+        if (self.vocab_size, self.response_length) != (vocab_size, response_length):
+            raise ValueError(
+                f"harm {self.name!r} has a table of shape {self.table.shape}, which needs "
+                f"V={self.vocab_size}, T={self.response_length}; the policy has "
+                f"V={vocab_size}, T={response_length}")
 
     def _lookup(self, tokens):
         return self.table[tuple(tokens[..., s] for s in range(self.response_length))]
@@ -96,6 +110,13 @@ class HorizonHarm(Harm):
             prefix_fn = lambda y: self.table[tuple(y[..., s] for s in range(horizon))]
         super().__init__(lambda tokens: prefix_fn(tokens[..., :horizon]),
                          name=name, horizon=int(horizon))
+
+    def check_compatible(self, vocab_size: int, response_length: int) -> None:
+        super().check_compatible(vocab_size, response_length)
+        if self.table is not None and self.table.shape[0] != vocab_size:
+            raise ValueError(
+                f"harm {self.name!r} has a table over V={self.table.shape[0]} tokens; the "
+                f"policy has V={vocab_size}")
 
 
 class DecayingHarm(Harm):

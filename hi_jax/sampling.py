@@ -17,8 +17,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from hi_jax.policy import Policy, PyTree, fork_cache
+from hi_jax.policy import Policy, PyTree, check_tokens, fork_cache
 
 
 def _decode(key: jax.Array, policy: Policy, cache: PyTree, logits: jax.Array,
@@ -128,7 +129,6 @@ def sample_responses(key: jax.Array, policy: Policy, num: int) -> jax.Array:
     return sample_continuations(key, policy, empty, 0, num)
 
 
-@functools.partial(jax.jit, static_argnames=("num",))
 def sample_from_prefixes(key: jax.Array, policy: Policy, prefixes: jax.Array,
                          lengths: jax.Array, num: int) -> jax.Array:
     """Samples `num` continuations for each of B prefixes.
@@ -138,11 +138,36 @@ def sample_from_prefixes(key: jax.Array, policy: Policy, prefixes: jax.Array,
       policy: the policy.
       prefixes: int [B, T]; row b keeps positions < lengths[b].
       lengths: int [B], each in [0, T].
-      num: M continuations per prefix.
+      num: M continuations per prefix, >= 1.
 
     Returns:
       int [B, M, T].
+
+    Raises:
+      ValueError: if a concrete prefix token is outside the vocabulary, a
+        length is outside [0, T], or the shapes do not match.
     """
+    T = policy.response_length
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"num must be an integer >= 1; got {num!r}")
+    if not isinstance(prefixes, jax.core.Tracer):
+        if prefixes.ndim != 2 or prefixes.shape[1] != T:
+            raise ValueError(f"prefixes must have shape [B, T] with T={T}; got "
+                             f"{prefixes.shape}")
+        check_tokens("prefixes", prefixes, policy.vocab_size)
+    if not isinstance(lengths, jax.core.Tracer):
+        lengths_np = np.asarray(lengths)
+        if lengths_np.shape != (prefixes.shape[0],):
+            raise ValueError(f"lengths must have shape [B]=({prefixes.shape[0]},); got "
+                             f"{lengths_np.shape}")
+        if lengths_np.size and (lengths_np.min() < 0 or lengths_np.max() > T):
+            raise ValueError(f"lengths must be in [0, T] = [0, {T}]; got values from "
+                             f"{lengths_np.min()} to {lengths_np.max()}")
+    return _sample_from_prefixes(key, policy, prefixes, lengths, num)
+
+
+@functools.partial(jax.jit, static_argnames=("num",))
+def _sample_from_prefixes(key, policy, prefixes, lengths, num):
     keys = jax.random.split(key, prefixes.shape[0])
     return jax.vmap(sample_continuations, in_axes=(0, None, 0, 0, None))(
         keys, policy, prefixes, lengths, num)
