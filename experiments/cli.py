@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 COMMANDS = {
     "profile": ("experiments.profile", "harm-information profile of one policy"),
@@ -56,10 +57,22 @@ def _parse_flags(command: str):
     return parse
 
 
+def _define_flags(default_config: str) -> None:
+    """Defines --config, --workdir and --overwrite for the chosen command."""
+    config_flags.DEFINE_config_file(
+        "config", default_config,
+        "Path of an ml_collections config file; override fields with "
+        "--config.FIELD=VALUE.", lock_config=True)
+    flags.DEFINE_string("workdir", None,
+                        "Run directory to write; default: a new directory under runs/.")
+    flags.DEFINE_bool("overwrite", False,
+                      "Replace the result files of an existing run directory.")
+
+
 def _guarded(command: str, main):
     def run_main(argv):
         try:
-            main(argv)
+            main(argv, flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.overwrite)
         except (ValueError, TypeError, FileExistsError, FloatingPointError) as error:
             logging.error("hi-jax %s failed: %s", command, error)
             print(f"hi-jax {command}: error: {_one_line(error)}", file=sys.stderr)
@@ -84,9 +97,10 @@ def run(argv: list[str] | None = None) -> None:
         print(f"hi-jax: unknown command {command!r}; expected one of "
               f"{', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
+    module = importlib.import_module(COMMANDS[command][0])
     try:
         # Defining the config flag already applies the --config.FIELD overrides.
-        module = importlib.import_module(COMMANDS[command][0])
+        _define_flags(module.DEFAULT_CONFIG)
     except _CONFIG_ERRORS as error:
         _exit_invalid_config(command, error)
     app.run(_guarded(command, module.main), argv=[f"hi-jax {command}"] + argv[2:],

@@ -18,22 +18,14 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from experiments import common, demo_report
 from hi_jax import evaluation, training
 from hi_jax import world as world_lib
 from hi_jax.transformer import TransformerConfig, TransformerPolicy
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(common.CONFIGS_DIR, "demo.py"),
-    "Path of an ml_collections config file; override fields with --config.FIELD=VALUE.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory to write; default: a new directory under runs/.")
-_OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace the result files of a finished run directory.")
+DEFAULT_CONFIG = os.path.join(common.CONFIGS_DIR, "demo.py")
 
 MODELS = ("base", "standard", "deep")
 OUTPUTS = ("summary.json", "summary.md")
@@ -175,10 +167,10 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str,
     return summary
 
 
-def main(argv):
+def main(argv, config, workdir: str | None, overwrite: bool):
+    """Runs the command; the flags are defined and parsed by experiments.cli."""
     del argv
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or common.new_run_dir("demo")
+    workdir = workdir or common.new_run_dir("demo")
     common.log_start("demo", config, workdir)
-    run_demo(config, workdir, overwrite=_OVERWRITE.value)
+    run_demo(config, workdir, overwrite=overwrite)
     print(workdir)

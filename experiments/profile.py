@@ -14,20 +14,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 import hi_jax
 from experiments import common
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(common.CONFIGS_DIR, "profile.py"),
-    "Path of an ml_collections config file; override fields with --config.FIELD=VALUE.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory to write; default: a new directory under runs/.")
-_OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace the result files of an existing run directory.")
+DEFAULT_CONFIG = os.path.join(common.CONFIGS_DIR, "profile.py")
 
 MODELS = ("tabular", "npz", "transformer")
 HARMS = ("table", "horizon", "decaying")
@@ -176,10 +168,10 @@ def plot_profile(estimate, exact, path: str) -> None:
     plt.close(figure)
 
 
-def main(argv):
+def main(argv, config, workdir: str | None, overwrite: bool):
+    """Runs the command; the flags are defined and parsed by experiments.cli."""
     del argv
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or common.new_run_dir("profile")
+    workdir = workdir or common.new_run_dir("profile")
     common.log_start("profile", config, workdir)
-    run_profile(config, workdir, overwrite=_OVERWRITE.value)
+    run_profile(config, workdir, overwrite=overwrite)
     print(workdir)

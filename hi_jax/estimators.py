@@ -64,8 +64,8 @@ class Estimate(NamedTuple):
     """A Monte Carlo estimate: `mean` and its standard error `stderr`.
 
     Both have the same shape. A stderr of NaN marks a statistic whose
-    standard error is not defined (a maximum over samples) or a ratio whose
-    denominator is not positive.
+    standard error is not defined (a maximum over samples) or a ratio that
+    is undefined (see `MonteCarloProfile`).
     """
 
     mean: jax.Array
@@ -95,6 +95,11 @@ class MonteCarloProfile(NamedTuple):
         over all positions; its stderr treats F_bar as fixed.
       ratio_g_to_cs: ||G_t||^2 / cs_pointwise (at most 1 in expectation).
       ratio_cs_to_bound: cs_pointwise / fisher_bound (at most 1).
+        Ratios carry jackknife stderrs and are undefined (NaN) at positions
+        where the denominator's estimate is not above twice its stderr plus
+        ten float roundings of its scale: there it cannot be told from zero
+        (a constant harm, or positions beyond a horizon) and the ratio would
+        be noise over noise.
       settings: the estimator settings, a dict.
     """
 
@@ -474,6 +479,13 @@ def _jackknife(leave_one_out: np.ndarray, full: np.ndarray) -> Estimate:
     return Estimate(full, np.sqrt((K - 1) / K * spread))
 
 
+def _undefined_unless(ratio: Estimate, denominator: Estimate, floor: float) -> Estimate:
+    """NaN where the denominator is not above twice its stderr plus `floor`."""
+    defined = denominator.mean > 2 * denominator.stderr + floor
+    return Estimate(np.where(defined, ratio.mean, np.nan),
+                    np.where(defined, ratio.stderr, np.nan))
+
+
 def _safe_ratio(num, den):
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
@@ -507,13 +519,18 @@ def _summarise(raw: dict, settings: EstimatorSettings) -> MonteCarloProfile:
     ratio_cs = _jackknife(_safe_ratio(cs_loo, fisher_max_all * info_loo),
                           _safe_ratio(cs_mean, fisher_max_all * info_mean))
     info_estimate = _mean_stderr(info)
+    cs_estimate = _mean_stderr(cs)
+    # Conditional variances are at most 1/4 for harms in [0, 1].
+    rounding = 10 * np.finfo(info.dtype).eps * 0.25
+    ratio_g = _undefined_unless(ratio_g, cs_estimate, rounding * max(fisher_max_all, 1.0))
+    ratio_cs = _undefined_unless(ratio_cs, info_estimate, rounding)
     settings_dict = dataclasses.asdict(settings)
     return MonteCarloProfile(
         h0=_mean_stderr(harm),
         var_harm=_mean_stderr(info.sum(1)),
         I=info_estimate,
         G_norm_sq=_jackknife(g_loo, g_norm_sq),
-        cs_pointwise=_mean_stderr(cs),
+        cs_pointwise=cs_estimate,
         fisher_trace_mean=_mean_stderr(fisher),
         fisher_trace_max=Estimate(fisher.max(0), nan_t),
         fisher_bound=Estimate(fisher_max_all * info_estimate.mean,

@@ -42,7 +42,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from hi_jax import objectives, sampling
+from hi_jax import objectives, sampling, sharding
 from hi_jax.estimators import check_prng_key
 from hi_jax.harms import Harm, as_harm
 from hi_jax.io import write_json, write_text
@@ -455,10 +455,13 @@ def step_keys(run_key: jax.Array, step) -> dict[str, jax.Array]:
 def _align_step(state: AlignState, base_policy: Policy, q_tokens, q_prefix_mask, *,
                 policy: Policy, harm: Harm, optimizer: optax.GradientTransformation,
                 batch_size: int, lam: float, mu: float, gamma: float,
-                recovery_ids: tuple[int, ...] | None, q_batch_size: int):
+                recovery_ids: tuple[int, ...] | None, q_batch_size: int,
+                batch_sharding=None):
     keys = step_keys(state.key, state.step)
     current = policy.replace_params(state.params)
     tokens = sampling.sample_responses(keys["sample"], current, batch_size)
+    if batch_sharding is not None:
+        tokens = jax.lax.with_sharding_constraint(tokens, batch_sharding)
     harm_values = harm(tokens)
     if harm_values.shape != (batch_size,):
         raise ValueError(f"harm {harm.name!r} must return shape [B]=({batch_size},) for "
@@ -483,7 +486,7 @@ def _align_step(state: AlignState, base_policy: Policy, q_tokens, q_prefix_mask,
 def make_align_step(policy: Policy, harm, optimizer: optax.GradientTransformation, *,
                     batch_size: int, lam: float, mu: float = 0.0, gamma: float = 1.0,
                     recovery_ids: Sequence[int] | None = None,
-                    q_batch_size: int = 0) -> Callable:
+                    q_batch_size: int = 0, mesh=None) -> Callable:
     """Builds the jitted alignment update, with the static settings bound.
 
     The update samples B responses from the current policy with
@@ -502,6 +505,9 @@ def make_align_step(policy: Policy, harm, optimizer: optax.GradientTransformatio
       recovery_ids: the ids of R; required when Q prefixes are passed.
       q_batch_size: number of Q prefixes drawn (without replacement, with
         the step's "q" key) from those passed; 0 uses all of them.
+      mesh: a one-axis `jax.sharding.Mesh` (see `sharding.batch_mesh`) over
+        which the B on-policy responses and their loss terms are sharded;
+        B must be divisible by its size. None runs on the default device.
 
     Returns:
       update(state: AlignState, base_policy, q_tokens int [Bq, T] or None,
@@ -511,10 +517,14 @@ def make_align_step(policy: Policy, harm, optimizer: optax.GradientTransformatio
     """
     if recovery_ids is not None:
         recovery_ids = objectives.check_recovery_ids(recovery_ids, policy.vocab_size)
+    batch_sharding = None
+    if mesh is not None:
+        batch_sharding = sharding.batch_sharding(mesh, int(batch_size))
     return jax.jit(functools.partial(
         _align_step, policy=policy, harm=as_harm(harm), optimizer=optimizer,
         batch_size=int(batch_size), lam=float(lam), mu=float(mu), gamma=float(gamma),
-        recovery_ids=recovery_ids, q_batch_size=int(q_batch_size)))
+        recovery_ids=recovery_ids, q_batch_size=int(q_batch_size),
+        batch_sharding=batch_sharding))
 
 
 # Q prefixes -----------------------------------------------------------------------
@@ -737,7 +747,8 @@ def _step_record(step: int, metrics: dict, has_q: bool) -> dict:
 
 def align(key: jax.Array | None, policy: Policy, base_policy: Policy, harm, config,
           workdir: str, q_prefixes=None, recovery_ids: Sequence[int] | None = None,
-          eval_fn: Callable[[int, Policy], Mapping[str, Any]] | None = None) -> Policy:
+          eval_fn: Callable[[int, Policy], Mapping[str, Any]] | None = None,
+          mesh=None) -> Policy:
     """Aligns a policy with the standard (mu = 0) or the deep objective.
 
     Each update draws B responses from the current policy, evaluates the
@@ -781,6 +792,8 @@ def align(key: jax.Array | None, policy: Policy, base_policy: Policy, harm, conf
       eval_fn: optional callable (step, policy) -> dict of JSON-convertible
         values (scalars or arrays), called at step 0 of a fresh run, every
         eval_every updates and after the last update.
+      mesh: a one-axis `jax.sharding.Mesh` over which each update's
+        responses are sharded (see `make_align_step`); None for one device.
 
     Returns:
       The aligned policy.
@@ -814,7 +827,7 @@ def align(key: jax.Array | None, policy: Policy, base_policy: Policy, harm, conf
         policy, harm, optimizer, batch_size=settings.batch_size, lam=settings.lam,
         mu=settings.mu, gamma=settings.gamma,
         recovery_ids=recovery_ids if q_source is not None else None,
-        q_batch_size=settings.q_batch_size if q_source is not None else 0)
+        q_batch_size=settings.q_batch_size if q_source is not None else 0, mesh=mesh)
 
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
