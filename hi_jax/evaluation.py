@@ -14,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hi_jax import sampling
 from hi_jax import world as world_lib
 from hi_jax.estimators import Estimate, estimate_profile
+from hi_jax.harms import as_harm
 from hi_jax.objectives import per_token_kl
 from hi_jax.policy import Policy
 from hi_jax.sampling import sample_from_prefixes, sample_responses
@@ -131,3 +133,58 @@ def estimate_to_dict(estimate: Estimate) -> dict[str, list]:
         return [float(v) if np.isfinite(v) else None for v in np.asarray(values).ravel()]
 
     return {"mean": clean(estimate.mean), "stderr": clean(estimate.stderr)}
+
+
+def _tilt_covariance_unit(key, policy, base_policy, harm, num_continuations):
+    """Per-position Cov_{y_t|y<t}(h_t, log P/P_base) at the prefixes of one sample: [T]."""
+    V, T = policy.vocab_size, policy.response_length
+    key_prefix, key_branch = jax.random.split(key)
+    tokens = sample_responses(key_prefix, policy, 1)[0]
+    prefilled = sampling.prefill_one(policy, tokens)
+    log_probs = jax.nn.log_softmax(prefilled[0], axis=-1)  # [T, V]
+    base_log_probs = base_policy.log_probs(tokens[None])[0]
+    probs = jnp.exp(log_probs)
+    log_ratio = log_probs - base_log_probs
+    centred_ratio = log_ratio - (probs * log_ratio).sum(-1, keepdims=True)
+    keys = jax.random.split(key_branch, (T, V))
+
+    def branch(k, t, v):
+        return sampling.branch_prefilled(k, policy, prefilled, tokens, t, v,
+                                         num_continuations)
+
+    continuations = jax.vmap(jax.vmap(branch, in_axes=(0, None, 0)), in_axes=(0, 0, None))(
+        keys, jnp.arange(T), jnp.arange(V))  # [T, V, M, T]
+    h_hat = harm(continuations.reshape(-1, T)).reshape(T, V, num_continuations).mean(-1)
+    # sum_v p_v (r_v - rbar) = 0, so the covariance is linear in h_hat and
+    # unbiased; centring h_hat changes it only by rounding, and removes that.
+    centred_h = h_hat - (probs * h_hat).sum(-1, keepdims=True)
+    return (probs * centred_h * centred_ratio).sum(-1)
+
+
+@functools.partial(jax.jit, static_argnames=("harm", "num", "num_continuations"))
+def _tilt_covariance(key, policy, base_policy, harm, num, num_continuations):
+    keys = jax.random.split(key, num)
+    return jax.vmap(lambda k: _tilt_covariance_unit(k, policy, base_policy, harm,
+                                                    num_continuations))(keys)
+
+
+def harm_tilt_covariance(key: jax.Array, policy: Policy, base_policy: Policy, harm,
+                         num: int, num_continuations: int = 4) -> Estimate:
+    """E_{y<t}[Cov_{y_t|y<t}(h_t, log P(y_t|y<t) / P_base(y_t|y<t))] per position: [T].
+
+    At an optimum of lam * E[Harm] + KL(P || P_base) the tilt of each
+    conditional away from the base is driven by the harm martingale, so
+    beyond a harm's horizon, where h_t does not depend on y_t, this
+    covariance is zero whatever the KL there. Estimated without bias from
+    `num` (N >= 2) sampled prefixes, branching on every token with
+    `num_continuations` (M >= 1) continuations each; h_t is under `policy`.
+    """
+    harm = as_harm(harm)
+    if isinstance(num, bool) or not isinstance(num, int) or num < 2:
+        raise ValueError(f"num must be an integer >= 2; got {num!r}")
+    if (isinstance(num_continuations, bool) or not isinstance(num_continuations, int)
+            or num_continuations < 1):
+        raise ValueError(f"num_continuations must be an integer >= 1; got "
+                         f"{num_continuations!r}")
+    return _mean_stderr(_tilt_covariance(key, policy, base_policy, harm, num,
+                                         num_continuations))

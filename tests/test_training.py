@@ -536,7 +536,6 @@ _KILLED_RUN = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 def test_resume_after_sigkill(tmp_path):
     policy, harm, q = tabular_problem()
     config = small_config(steps=40, checkpoint_every=5, mu=1.0, gamma=0.7)
@@ -549,7 +548,8 @@ def test_resume_after_sigkill(tmp_path):
     process = subprocess.Popen([sys.executable, "-c", script],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint_dir = os.path.join(workdir, training.CHECKPOINT_DIR)
-    deadline = time.monotonic() + 60
+    # Generous: the subprocess compiles the update before its first step.
+    deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
             steps = [name for name in os.listdir(checkpoint_dir) if name.isdigit()] \
@@ -559,7 +559,7 @@ def test_resume_after_sigkill(tmp_path):
             assert process.poll() is None, "the run ended before it could be killed"
             time.sleep(0.05)
         else:
-            pytest.fail("no checkpoint at step >= 10 within 60 s")
+            pytest.fail("no checkpoint at step >= 10 within 300 s")
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
