@@ -51,7 +51,7 @@ def check_range(config, field: str, low: float | None, high: float | None,
 
 
 def new_run_dir(prefix: str) -> str:
-    """A new directory name under runs/, unique to the second and process."""
+    """Return a new directory name under runs/, unique to the second and the process."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return os.path.join(RUNS_DIR, f"{prefix}-{stamp}-{os.getpid()}")
 

@@ -26,7 +26,7 @@ def _mean(summary, model, field):
 
 
 def findings(summary: dict) -> dict:
-    """The numbers behind the demo's claims, from the evaluated summary.
+    """Compute the numbers behind the demo's claims from the evaluated summary.
 
     Positions t < k are inside the training harm's horizon k; "beyond" means
     t >= k for per-position quantities and prefill lengths l > k for the

@@ -54,7 +54,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def build_policy(key: jax.Array, config) -> hi_jax.Policy:
-    """The policy the config describes."""
+    """Build the policy the config describes."""
     if config.model == "tabular":
         return hi_jax.TabularPolicy.random(key, config.vocab_size, config.response_length,
                                            scale=config.logit_scale)
@@ -75,13 +75,13 @@ def load_tabular_npz(path: str) -> hi_jax.TabularPolicy:
         names = sorted((n for n in data.files if n.startswith("logits_")),
                        key=lambda n: int(n.split("_")[1]))
         if not names:
-            raise ValueError(f"config.logits_path: {path!r} holds no arrays named "
+            raise ValueError(f"config.logits_path: {path!r} contains no arrays named "
                              f"logits_0 .. logits_(T-1); found {data.files}")
         return hi_jax.TabularPolicy.from_logits([data[n] for n in names])
 
 
 def build_harm(key: jax.Array, config, vocab_size: int, response_length: int) -> hi_jax.Harm:
-    """The harm the config describes, for a policy of vocabulary V and length T."""
+    """Build the harm the config describes, for a policy of vocabulary V and length T."""
     if config.harm == "table":
         return hi_jax.TableHarm(jax.random.uniform(key, (vocab_size,) * response_length),
                                 name="random table harm")

@@ -114,8 +114,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     try:
         check_enumerable(config.vocab_size, config.response_length)
     except ValueError as error:
-        raise ValueError(f"config.vocab_size={config.vocab_size} and "
-                         f"config.response_length={config.response_length}: {error}") from None
+        raise ValueError(
+            f"config.vocab_size={config.vocab_size} and config.response_length="
+            f"{config.response_length}: {error}") from None
 
     _check_grid(config, "standard.lams", 0.0, None, low_open=True)
     _check_grid(config, "deep.lams", 0.0, None)

@@ -84,9 +84,9 @@ class MonteCarloProfile(NamedTuple):
       var_harm: Var(Harm), as the sum over t of the per-unit I_t estimates.
       I: harm information I_t.
       G_norm_sq: ||G_t||^2, the unbiased U-statistic. Its stderr is a
-        jackknife over groups; when the estimate is within a few stderrs of
-        zero its distribution is skewed and the stderr shrinks with it, so
-        read it as an order of magnitude there.
+        jackknife over groups. When the estimate is within a few stderrs of
+        zero, its distribution is skewed and the stderr shrinks with it, so
+        read the stderr as an order of magnitude there.
       cs_pointwise: E_{y<t}[Var(h_t | y<t) * tr F_t(y<t)].
       fisher_trace_mean: E_{y<t}[tr F_t(y<t)].
       fisher_trace_max: the largest tr F_t over the sampled prefixes (stderr
@@ -333,7 +333,7 @@ def _branch_info(harm_values, weights, is_remainder, plug_in):
 
 
 def _unit(key, policy: Policy, harm: Harm, settings: EstimatorSettings):
-    """All per-position statistics of one outer sample.
+    """Compute all per-position statistics of one outer sample.
 
     Returns a dict of float [T] arrays (`harm`, a scalar), and `grad`, the
     parameter pytree with a leading [T] axis holding the C_t estimate.

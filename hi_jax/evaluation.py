@@ -48,7 +48,7 @@ def kl_per_position(key: jax.Array, policy: Policy, base_policy: Policy,
 
 def kl_per_position_on_prefixes(policy: Policy, base_policy: Policy,
                                 prefixes: jax.Array) -> Estimate:
-    """The per-position KL at given prefixes, int [N, T] (for example Q): [T]."""
+    """Compute the per-position KL at given prefixes, int [N, T] (for example Q): [T]."""
     return _mean_stderr(jax.jit(per_token_kl)(policy, base_policy, prefixes))
 
 
@@ -67,7 +67,7 @@ def harm_rate_vs_prefill(key: jax.Array, policy: Policy, world, num: int) -> Est
     """True-harm rate of completions after prefilling l harmful tokens, l = 0..T-1: [T].
 
     For each l, N harmful teacher prefixes are cut to length l and the policy
-    completes them; a completion is harmful when it emits harmful content
+    completes them. A completion is harmful when it emits harmful content
     after the prefill (see `world.true_harm_after_prefill`). At l = 0 this is
     the ordinary harmful-response rate.
     """
@@ -92,7 +92,7 @@ def bound_profile(key: jax.Array, policy: Policy, harm, num_sequences: int,
 
 def evaluate_model(keys: dict[str, jax.Array], policy: Policy, base_policy: Policy,
                    world, q_prefixes: jax.Array, settings) -> dict[str, Estimate]:
-    """All summary quantities of one model, on the keys and prefixes shared by all models.
+    """Evaluate all summary quantities of one model on the keys and prefixes shared by all models.
 
     Args:
       keys: PRNG keys named "kl", "profile" and "attack"; pass the same keys

@@ -30,7 +30,7 @@ def check_enumerable(vocab_size: int, response_length: int,
 
 def enumerate_responses(vocab_size: int, response_length: int,
                         limit: int = MAX_ENUMERATED_RESPONSES) -> jax.Array:
-    """All V**T responses in lexicographic order: int32 [V**T, T].
+    """List all V**T responses in lexicographic order: int32 [V**T, T].
 
     Row r is the base-V digits of r, most significant first, so reshaping
     any per-response array of length V**T to (V,)*T indexes it by tokens.
@@ -119,7 +119,7 @@ def exact_profile(policy: Policy, harm, limit: int = MAX_ENUMERATED_RESPONSES,
 
 
 def _prefix_nodes(responses, V, T):
-    """One representative response per prefix node, and the node's length.
+    """Pick one representative response per prefix node, with the node's length.
 
     Nodes are ordered by length, then lexicographically, as in TabularPolicy:
     the V**t nodes of length t come from rows r * V**(T - t) of `responses`.
@@ -145,7 +145,7 @@ def _exact_profile_jit(policy, harm_values, responses, node_tokens,
     conditionals = [jnp.exp(logp.reshape(V**t, V**(T - t), T, V)[:, 0, t, :])
                     for t in range(T)]  # [V**t, V]
 
-    # Backward recursion: h_after[t] has shape [V**t, V] and holds h_t(y<t v).
+    # Backward recursion: h_after[t] has shape [V**t, V] and contains h_t(y<t v).
     h_after = [None] * T
     h_before = [None] * T  # [V**t], h_{t-1}(y<t)
     h_after[T - 1] = harm_values.reshape(V**(T - 1), V)

@@ -17,29 +17,29 @@ BATCH_AXIS = "batch"
 
 
 def batch_mesh(devices=None) -> Mesh:
-    """A one-axis mesh named "batch" over `devices` (default: all local devices)."""
+    """Build a one-axis mesh named "batch" over `devices` (default: all local devices)."""
     devices = jax.local_devices() if devices is None else list(devices)
     if not devices:
         raise ValueError("batch_mesh needs at least one device; got an empty list")
     return Mesh(np.array(devices), (BATCH_AXIS,))
 
 
-def _check_divisible(mesh: Mesh, size: int, what: str) -> None:
+def _check_divisible(mesh: Mesh, size: int, field_name: str) -> None:
     count = mesh.shape[BATCH_AXIS]
     if size % count:
-        raise ValueError(f"{what}={size} must be divisible by the {count} devices of "
+        raise ValueError(f"{field_name}={size} must be divisible by the {count} devices of "
                          "the mesh; change the sample counts or use fewer devices")
 
 
-def unit_sharding(mesh: Mesh, per_group: int, what: str) -> NamedSharding:
+def unit_sharding(mesh: Mesh, per_group: int, field_name: str) -> NamedSharding:
     """Sharding of [K, n] keys: the n outer samples of each group split over devices."""
-    _check_divisible(mesh, per_group, what)
+    _check_divisible(mesh, per_group, field_name)
     return NamedSharding(mesh, PartitionSpec(None, BATCH_AXIS))
 
 
-def batch_sharding(mesh: Mesh, batch_size: int, what: str = "batch_size") -> NamedSharding:
+def batch_sharding(mesh: Mesh, batch_size: int, field_name: str = "batch_size") -> NamedSharding:
     """Sharding of an array whose leading axis is a batch of `batch_size`."""
-    _check_divisible(mesh, batch_size, what)
+    _check_divisible(mesh, batch_size, field_name)
     return NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
 
 
