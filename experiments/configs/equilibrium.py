@@ -1,7 +1,7 @@
 """Default config of `hi-jax sweep`: equilibrium scaling on random tabular worlds.
 
 On a 2-core CPU without an accelerator `hi-jax sweep` with this config took
-46 s (measured, including start-up and compilation).
+about 50 s (46 s and 50 s measured, including start-up and compilation).
 """
 
 import ml_collections
