@@ -78,6 +78,9 @@ def summary_markdown(summary: dict) -> str:
         f"gamma = {config['deep_gamma']}) over harmful prefixes Q. All three models "
         "were evaluated on the same prefixes and random keys. Numbers are means over "
         "samples; summary.json has their standard errors.",
+        f"The base model's cross-entropy against the teacher's exact conditionals "
+        f"exceeds the teacher's entropy by {_excess_cross_entropy(summary):.4f} nats "
+        f"summed over positions.",
         f"The whole run took {summary['runtime_seconds']:.0f} s.",
         "",
         "## Findings",
@@ -91,7 +94,9 @@ def summary_markdown(summary: dict) -> str:
         f"- Beyond the horizon (t >= {k}) the recovery probability on harmful prefixes "
         f"is {base['recovery_beyond_horizon']:.3f} for the base model, "
         f"{std['recovery_beyond_horizon']:.3f} for the standard model and "
-        f"{deep['recovery_beyond_horizon']:.3f} for the deep model.",
+        f"{deep['recovery_beyond_horizon']:.3f} for the deep model. The training harm "
+        f"gives no gradient there (G_t = 0 for t >= k), so any change of the standard "
+        f"model's recovery is incidental, through parameters shared with t < k.",
     ]
     if std["harm_rate_beyond_horizon"] is not None:
         restored = std["harm_rate_beyond_horizon"] / base["harm_rate_beyond_horizon"] \
@@ -125,6 +130,11 @@ def summary_markdown(summary: dict) -> str:
     for name, filename in PLOTS.items():
         lines += [f"![{captions[name]}]({filename})", ""]
     return "\n".join(lines)
+
+
+def _excess_cross_entropy(summary: dict) -> float:
+    report = summary["base_cross_entropy_per_position"]
+    return float(np.sum(report["base"]) - np.sum(report["teacher_entropy"]))
 
 
 def _percent(value):
