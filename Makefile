@@ -3,8 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: setup test test-all demo profile clean
+.PHONY: setup test test-all demo profile bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -27,6 +28,19 @@ demo: $(STAMP)
 
 profile: $(STAMP)
 	$(BIN)/hi-jax profile --config=experiments/configs/profile.py
+
+# The bench extra pins the PyTorch CPU build that the baselines run on.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# All benchmarks, the demo included; writes bench.json (docs/benchmarks.md).
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.run --output bench.json
+
+# A smaller sweep without the demo, a few minutes on 2 CPU cores.
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.run --quick --output bench.json
 
 clean:
 	rm -rf $(VENV) runs
