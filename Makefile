@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: setup test test-all demo profile bench bench-quick clean
+.PHONY: setup test test-all demo profile sweep bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ demo: $(STAMP)
 
 profile: $(STAMP)
 	$(BIN)/hi-jax profile --config=experiments/configs/profile.py
+
+sweep: $(STAMP)
+	$(BIN)/hi-jax sweep --config=experiments/configs/equilibrium.py
 
 # The bench extra pins the PyTorch CPU build that the baselines run on.
 $(BENCH_STAMP): $(STAMP)

@@ -335,8 +335,9 @@ def _branch_info(harm_values, weights, is_remainder, plug_in):
 def _unit(key, policy: Policy, harm: Harm, settings: EstimatorSettings):
     """Compute all per-position statistics of one outer sample.
 
-    Returns a dict of float [T] arrays (`harm`, a scalar), and `grad`, the
-    parameter pytree with a leading [T] axis holding the C_t estimate.
+    Returns a dict of float [T] arrays (`harm`, a scalar), the response
+    `tokens` int [T], and `coefficients` float [T, V], the stop-gradient
+    weights of log p(v | y<t) whose gradient is the C_t estimate.
     """
     V, T = policy.vocab_size, policy.response_length
     M = settings.num_continuations
@@ -388,9 +389,6 @@ def _unit(key, policy: Policy, harm: Harm, settings: EstimatorSettings):
     def log_probs_of(params):
         return policy.replace_params(params).log_probs(tokens[None])[0]  # [T, V]
 
-    grad = jax.jacrev(lambda params: (coefficients * log_probs_of(params)).sum(-1))(
-        policy.params)
-
     if settings.fisher_method == "exact":
         fisher = _exact_fisher_traces(log_probs_of, policy.params, probs)
     else:
@@ -399,7 +397,8 @@ def _unit(key, policy: Policy, harm: Harm, settings: EstimatorSettings):
 
     all_harm = jnp.concatenate([h.reshape(-1) for h in harm_seen])
     return dict(harm=harm(tokens[None])[0], variance=variance, fisher=fisher,
-                cs=variance * fisher, grad=grad, harm_min=all_harm.min(),
+                cs=variance * fisher, tokens=tokens, coefficients=coefficients,
+                harm_min=all_harm.min(),
                 harm_max=all_harm.max(), harm_nan=jnp.isnan(all_harm).sum())
 
 
@@ -444,8 +443,15 @@ def _estimate_raw(key, policy, harm, settings: EstimatorSettings, unit_sharding=
 
     def group(keys):
         stats = jax.vmap(lambda k: _unit(k, policy, harm, settings))(keys)
-        grad_sum = jax.tree.map(lambda g: g.sum(0), stats.pop("grad"))
-        return stats, grad_sum
+        tokens, coefficients = stats.pop("tokens"), stats.pop("coefficients")
+
+        # The group's sum of C_t as one reverse pass per position over the
+        # summed surrogate, rather than per-unit gradients summed afterwards.
+        def surrogate(params):
+            log_probs = policy.replace_params(params).log_probs(tokens)  # [n, T, V]
+            return (coefficients * log_probs).sum(axis=(0, 2))  # [T]
+
+        return stats, jax.jacrev(surrogate)(policy.params)
 
     stats, grad_sums = jax.lax.map(group, unit_keys)
     # Group means g_k of C_t; the U-statistic needs only their inner products.
