@@ -1,12 +1,11 @@
 """Per-position gradient contributions C_t against one forward and backward pass.
 
-`estimate_profile` computes, for each sampled response, the T gradients of
-sum_v c_tv log p(v | y<t) with `jax.jacrev` over the T positions (T
-reverse passes through one forward), vmapped over the responses of a group
-and summed. The reference cost is one `jax.grad` of the same surrogate
-summed over the whole batch, a single forward and backward pass. A third
-variant takes `jax.jacrev` of the batch-summed surrogate, so it yields only
-the T batch totals.
+Two ways to get the T gradients of sum_v c_tv log p(v | y<t): per response
+with `jax.jacrev` over the T positions, vmapped over the responses and
+summed, and `jax.jacrev` of the batch-summed surrogate, which yields only
+the T batch totals. `estimate_profile` needs only group totals and uses the
+second. The reference cost is one `jax.grad` of the same surrogate summed
+over the whole batch, a single forward and backward pass.
 """
 
 from __future__ import annotations
