@@ -73,7 +73,7 @@ def _guarded(command: str, main):
     def run_main(argv):
         try:
             main(argv, flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.overwrite)
-        except (ValueError, TypeError, FileExistsError, FloatingPointError) as error:
+        except (ValueError, TypeError, OSError, FloatingPointError) as error:
             logging.error("hi-jax %s failed: %s", command, error)
             print(f"hi-jax {command}: error: {_one_line(error)}", file=sys.stderr)
             sys.exit(1)
@@ -84,8 +84,8 @@ def run(argv: list[str] | None = None) -> None:
     """Entry point of the console script.
 
     Invalid flags or config files exit with status 2, and invalid values
-    found before the work starts (ValueError, TypeError, an existing run
-    directory) or a NaN during training exit with status 1. Either way the
+    found before the work starts (ValueError, TypeError, an existing or
+    unwritable run directory) or a NaN during training exit with status 1. Either way the
     command prints one line naming the problem to stderr.
     """
     argv = list(sys.argv if argv is None else argv)

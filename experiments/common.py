@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 
 import jax
@@ -15,9 +16,15 @@ RUNS_DIR = "runs"
 
 
 def _get(config, field):
-    if field not in config:
-        raise ValueError(f"config.{field} is missing")
-    return config[field]
+    """Reads a field by its name or its dotted path, e.g. "eval.num_continuations"."""
+    if field in config:
+        return config[field]
+    value = config
+    for part in field.split("."):
+        if part not in value:
+            raise ValueError(f"config.{field} is missing")
+        value = value[part]
+    return value
 
 
 def check_choice(config, field: str, choices) -> None:
@@ -46,8 +53,9 @@ def check_range(config, field: str, low: float | None, high: float | None,
         raise ValueError(f"config.{field}={value!r} must be a number in {allowed}")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high or value != value:
-        raise ValueError(f"config.{field}={value} is out of range; allowed: {allowed}")
+    if not math.isfinite(value) or too_low or too_high:
+        raise ValueError(f"config.{field}={value} is out of range; allowed: finite "
+                         f"values in {allowed}")
 
 
 def new_run_dir(prefix: str) -> str:

@@ -11,7 +11,10 @@ resumes each alignment from its last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import shutil
 import time
 
 import jax
@@ -29,6 +32,7 @@ DEFAULT_CONFIG = os.path.join(common.CONFIGS_DIR, "demo.py")
 
 MODELS = ("base", "standard", "deep")
 OUTPUTS = ("summary.json", "summary.md")
+BASE_SETTINGS = "base_model_settings.json"
 
 
 def validate_config(config) -> tuple[world_lib.WorldConfig, TransformerConfig]:
@@ -48,12 +52,12 @@ def validate_config(config) -> tuple[world_lib.WorldConfig, TransformerConfig]:
     common.check_range(config, "deep_mu", 0.0, None)
     common.check_range(config, "deep_gamma", 0.0, 1.0, low_open=True)
     common.check_int(config, "num_q_prefixes", 1)
-    common.check_int(config.eval, "num_eval_sequences", 2)
-    common.check_int(config.eval, "num_profile_sequences", 3)
-    common.check_int(config.eval, "num_profile_sequences_during_training", 3)
-    common.check_int(config.eval, "num_continuations", 2)
-    common.check_choice(config.eval, "info_method", ("rao_blackwell", "pick_freeze"))
-    common.check_choice(config.eval, "fisher_method", ("exact", "hutchinson"))
+    common.check_int(config, "eval.num_eval_sequences", 2)
+    common.check_int(config, "eval.num_profile_sequences", 3)
+    common.check_int(config, "eval.num_profile_sequences_during_training", 3)
+    common.check_int(config, "eval.num_continuations", 2)
+    common.check_choice(config, "eval.info_method", ("rao_blackwell", "pick_freeze"))
+    common.check_choice(config, "eval.fisher_method", ("exact", "hutchinson"))
     return world, model
 
 
@@ -68,6 +72,47 @@ def _align_config(config, mu: float, gamma: float) -> ml_collections.ConfigDict:
     align.mu = mu
     align.gamma = gamma
     return align
+
+
+def _base_model_settings(config, model_config) -> dict:
+    """The settings that determine the base model, stored beside it."""
+    return {"seed": config.seed, "world": config.world.to_dict(),
+            "model": dataclasses.asdict(model_config),
+            "pretrain": config.pretrain.to_dict()}
+
+
+def _check_stale_run(workdir: str, settings: dict, overwrite: bool) -> None:
+    """Removes or rejects a base model and alignments made with other settings."""
+    path = os.path.join(workdir, BASE_SETTINGS)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        stored = json.load(f)
+    current = json.loads(json.dumps(settings))
+    differences = sorted(_differences(stored, current))
+    if not differences:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"run directory {workdir!r} holds a base model made with other settings ("
+            f"{'; '.join(differences)}); pass --overwrite to start it again or choose "
+            "another --workdir")
+    logging.warning("removing the base model and alignments of %s: %s", workdir,
+                    "; ".join(differences))
+    for name in ("base_model", BASE_SETTINGS, "standard", "deep"):
+        target = os.path.join(workdir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.remove(target)
+
+
+def _differences(stored, current, prefix="config"):
+    if isinstance(stored, dict) and isinstance(current, dict):
+        for key in sorted(set(stored) | set(current)):
+            yield from _differences(stored.get(key), current.get(key), f"{prefix}.{key}")
+    elif stored != current:
+        yield f"{prefix}: {stored!r} in the run directory, {current!r} now"
 
 
 def _base_model(keys, config, world, model_config, workdir, stage_seconds):
@@ -86,6 +131,8 @@ def _base_model(keys, config, world, model_config, workdir, stage_seconds):
                              teacher_policy=teacher)
     checkpointer.save(path, base.params)
     checkpointer.wait_until_finished()
+    common.write_json(os.path.join(workdir, BASE_SETTINGS),
+                      _base_model_settings(config, model_config))
     stage_seconds["pretrain"] = time.time() - start
     logging.info("base model saved to %s", path)
     return base
@@ -97,6 +144,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str,
     start = time.time()
     world, model_config = validate_config(config)
     common.prepare_workdir(workdir, list(OUTPUTS), overwrite)
+    _check_stale_run(workdir, _base_model_settings(config, model_config), overwrite)
     keys = _named_keys(config.seed)
     stage_seconds = {}
     harm = world_lib.training_harm(world)
@@ -170,6 +218,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str,
 def main(argv, config, workdir: str | None, overwrite: bool):
     """Runs the command; the flags are defined and parsed by experiments.cli."""
     del argv
+    validate_config(config)
     workdir = workdir or common.new_run_dir("demo")
     common.log_start("demo", config, workdir)
     run_demo(config, workdir, overwrite=overwrite)

@@ -109,11 +109,12 @@ def summary_markdown(summary: dict) -> str:
             f"{deep['harm_rate_beyond_horizon']:.3f}.",
         ]
     lines += [
-        f"- The deep model pays for its recovery with KL beyond the horizon: "
-        f"{deep['kl_beyond_horizon']:.3f} nats summed over t >= {k} on its own samples "
-        f"(standard: {std['kl_beyond_horizon']:.3f}), and "
-        f"{deep['kl_on_q_beyond_horizon']:.3f} nats on harmful prefixes "
-        f"(standard: {std['kl_on_q_beyond_horizon']:.3f}).",
+        f"- The deep model pays for its recovery with KL beyond the horizon on harmful "
+        f"prefixes: {deep['kl_on_q_beyond_horizon']:.3f} nats summed over t >= {k} "
+        f"(standard: {std['kl_on_q_beyond_horizon']:.3f}). On the models' own samples, "
+        f"which rarely reach a harmful prefix once aligned, the KL beyond the horizon is "
+        f"{deep['kl_beyond_horizon']:.3f} nats (deep) and "
+        f"{std['kl_beyond_horizon']:.3f} nats (standard).",
         "",
         "## Plots",
         "",

@@ -171,6 +171,7 @@ def plot_profile(estimate, exact, path: str) -> None:
 def main(argv, config, workdir: str | None, overwrite: bool):
     """Runs the command; the flags are defined and parsed by experiments.cli."""
     del argv
+    validate_config(config)
     workdir = workdir or common.new_run_dir("profile")
     common.log_start("profile", config, workdir)
     run_profile(config, workdir, overwrite=overwrite)

@@ -133,6 +133,15 @@ class TabularPolicy(Policy):
     """
 
     def __init__(self, table: jax.Array, vocab_size: int, response_length: int):
+        # JAX may rebuild pytrees with placeholder leaves, so only arrays are checked.
+        shape = getattr(table, "shape", None)
+        if isinstance(shape, tuple):
+            expected = (_num_nodes(vocab_size, response_length), vocab_size)
+            if shape != expected:
+                raise ValueError(
+                    f"table must have shape [S, V] = {expected} for V={vocab_size}, "
+                    f"T={response_length}; got {shape}. Use TabularPolicy.from_logits "
+                    "to build one from per-position tables")
         self.table = table
         self.vocab_size = vocab_size
         self.response_length = response_length

@@ -118,13 +118,32 @@ def sample_continuations(key: jax.Array, policy: Policy, tokens: jax.Array,
     The prefix is encoded once and its cache forked across the
     continuations. `tokens` is int [T]; `start` is in [0, T].
     """
+    if not isinstance(tokens, jax.core.Tracer):
+        if np.shape(tokens) != (policy.response_length,):
+            raise ValueError(f"tokens must have shape [T]=({policy.response_length},); "
+                             f"got {np.shape(tokens)}")
+        check_tokens("tokens", tokens, policy.vocab_size)
+    if not isinstance(start, jax.core.Tracer) and not 0 <= int(start) <= policy.response_length:
+        raise ValueError(f"start must be in [0, T] = [0, {policy.response_length}]; got "
+                         f"{start}")
+    _check_num(num)
     return continue_prefilled(key, policy, prefill_one(policy, tokens), tokens,
                               start, num)
 
 
-@functools.partial(jax.jit, static_argnames=("num",))
+def _check_num(num) -> None:
+    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
+        raise ValueError(f"num must be an integer >= 1; got {num!r}")
+
+
 def sample_responses(key: jax.Array, policy: Policy, num: int) -> jax.Array:
     """Samples `num` independent responses from the policy: int [B, T]."""
+    _check_num(num)
+    return _sample_responses(key, policy, int(num))
+
+
+@functools.partial(jax.jit, static_argnames=("num",))
+def _sample_responses(key, policy, num):
     empty = jnp.zeros((policy.response_length,), jnp.int32)
     return sample_continuations(key, policy, empty, 0, num)
 
@@ -148,8 +167,7 @@ def sample_from_prefixes(key: jax.Array, policy: Policy, prefixes: jax.Array,
         length is outside [0, T], or the shapes do not match.
     """
     T = policy.response_length
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be an integer >= 1; got {num!r}")
+    _check_num(num)
     if not isinstance(prefixes, jax.core.Tracer):
         if prefixes.ndim != 2 or prefixes.shape[1] != T:
             raise ValueError(f"prefixes must have shape [B, T] with T={T}; got "

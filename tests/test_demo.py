@@ -100,3 +100,21 @@ def test_invalid_fields_raise_before_work(tmp_path):
     with pytest.raises(ValueError, match="horizon"):
         demo.run_demo(config, str(tmp_path))
     assert not (tmp_path / "base_model").exists()
+
+
+def test_changed_base_settings_are_rejected_or_restarted(demo_run, tmp_path):
+    workdir, _ = demo_run
+    config = reduced_config()
+    config.world.p_min = 0.2
+    with pytest.raises(ValueError, match="--overwrite") as info:
+        demo._check_stale_run(str(workdir), demo._base_model_settings(
+            config, demo.validate_config(config)[1]), overwrite=False)
+    assert "config.world.p_min: 0.05 in the run directory, 0.2 now" in str(info.value)
+    # With --overwrite the stale base model and alignments are removed.
+    copy = tmp_path / "copy"
+    import shutil
+    shutil.copytree(workdir, copy)
+    demo._check_stale_run(str(copy), demo._base_model_settings(
+        config, demo.validate_config(config)[1]), overwrite=True)
+    assert not (copy / "base_model").exists()
+    assert not (copy / "standard").exists()

@@ -64,7 +64,9 @@ def test_npz_policy_round_trip(tmp_path):
     (dict(num_sequences=0), "config.num_sequences=0 is out of range"),
     (dict(num_continuations=1), "config.num_continuations=1 is out of range"),
     (dict(horizon=4), r"config.horizon=4 is out of range; allowed: \[1, 3\]"),
-    (dict(decay=0.0), r"config.decay=0.0 is out of range; allowed: \(0.0, 1.0\]"),
+    (dict(decay=0.0), r"config.decay=0.0 is out of range; allowed: finite values in "
+                      r"\(0.0, 1.0\]"),
+    (dict(logit_scale=float("inf")), "config.logit_scale=inf is out of range"),
     (dict(top_k=3), r"config.top_k=3 is out of range; allowed: \[0, 2\]"),
     (dict(model="npz"), "config.logits_path must name an .npz file"),
     (dict(model="npz", logits_path="/nonexistent.npz"), "not found"),
