@@ -69,7 +69,7 @@ def prepare_workdir(workdir: str, outputs: list[str], overwrite: bool) -> None:
     existing = [name for name in outputs if os.path.exists(os.path.join(workdir, name))]
     if existing and not overwrite:
         raise FileExistsError(
-            f"run directory {workdir!r} already holds {', '.join(existing)}; pass "
+            f"run directory {workdir!r} already contains {', '.join(existing)}; pass "
             "--overwrite to replace them or choose another --workdir")
     os.makedirs(workdir, exist_ok=True)
 

@@ -75,7 +75,7 @@ def _align_config(config, mu: float, gamma: float) -> ml_collections.ConfigDict:
 
 
 def _base_model_settings(config, model_config) -> dict:
-    """The settings that determine the base model, stored beside it."""
+    """Collect the settings that determine the base model, stored beside it."""
     return {"seed": config.seed, "world": config.world.to_dict(),
             "model": dataclasses.asdict(model_config),
             "pretrain": config.pretrain.to_dict()}
@@ -94,7 +94,7 @@ def _check_stale_run(workdir: str, settings: dict, overwrite: bool) -> None:
         return
     if not overwrite:
         raise ValueError(
-            f"run directory {workdir!r} holds a base model made with other settings ("
+            f"run directory {workdir!r} contains a base model made with other settings ("
             f"{'; '.join(differences)}); pass --overwrite to start it again or choose "
             "another --workdir")
     logging.warning("removing the base model and alignments of %s: %s", workdir,

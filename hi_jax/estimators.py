@@ -97,7 +97,7 @@ class MonteCarloProfile(NamedTuple):
       ratio_cs_to_bound: cs_pointwise / fisher_bound (at most 1).
         Ratios carry jackknife stderrs and are undefined (NaN) at positions
         where the denominator's estimate is not above twice its stderr plus
-        ten float roundings of its scale: there it cannot be told from zero
+        ten float roundings of its scale. There it cannot be distinguished from zero
         (a constant harm, or positions beyond a horizon) and the ratio would
         be noise over noise.
       settings: the estimator settings, a dict.

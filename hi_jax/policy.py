@@ -5,8 +5,8 @@ Dimension letters used throughout hi_jax:
   N outer samples (independent prefixes), P parameters, K probes or candidates.
 
 A policy is a JAX pytree whose only leaves are its parameters, so
-`jax.grad`, `jax.jvp` and `jax.vmap` work on it directly; `policy.params`
-is the parameter pytree and `policy.replace_params(p)` rebuilds the policy
+`jax.grad`, `jax.jvp` and `jax.vmap` work on it directly. `policy.params`
+is the parameter pytree, and `policy.replace_params(p)` rebuilds the policy
 around new parameters. Everything else (vocabulary size, response length,
 architecture, prompt) is static auxiliary data.
 
@@ -45,7 +45,7 @@ class Policy(abc.ABC):
     @property
     @abc.abstractmethod
     def params(self) -> PyTree:
-        """The parameter pytree; the only pytree leaves of the policy."""
+        """Return the parameter pytree, the only pytree leaves of the policy."""
 
     @abc.abstractmethod
     def replace_params(self, params: PyTree) -> "Policy":
@@ -154,7 +154,7 @@ class TabularPolicy(Policy):
 
         Args:
           logits: a sequence of T arrays; `logits[t]` has shape (V,)*t + (V,)
-            and holds the logits of y_t for every prefix y_<t.
+            and contains the logits of y_t for every prefix y_<t.
 
         Raises:
           ValueError: if the shapes do not form a full-history table, or a
@@ -193,7 +193,7 @@ class TabularPolicy(Policy):
     @classmethod
     def random(cls, key: jax.Array, vocab_size: int, response_length: int,
                scale: float = 1.0, dtype=None) -> "TabularPolicy":
-        """A policy with i.i.d. normal logits of standard deviation `scale`."""
+        """Build a policy with i.i.d. normal logits of standard deviation `scale`."""
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2; got {vocab_size}")
         if response_length < 1:
@@ -207,7 +207,7 @@ class TabularPolicy(Policy):
         return cls(table, vocab_size, response_length)
 
     def logit_tables(self) -> list[jax.Array]:
-        """The inverse of `from_logits`: T arrays of shape (V,)*t + (V,)."""
+        """Split the table back into T arrays of shape (V,)*t + (V,), inverting `from_logits`."""
         out = []
         for t in range(self.response_length):
             start = _node_offset(self.vocab_size, t)

@@ -6,20 +6,11 @@ import numpy as np
 import pytest
 
 from hi_jax.exact import enumerate_responses, exact_profile
-from hi_jax.harms import DecayingHarm, Harm, HorizonHarm, TableHarm
+from hi_jax.harms import DecayingHarm, Harm, HorizonHarm
 from hi_jax.policy import TabularPolicy
+from worlds import random_world
 
 WORLDS = [(3, 4, 0), (2, 5, 1), (4, 3, 2)]  # (V, T, seed)
-
-
-def random_world(V, T, seed, horizon=None):
-    key_policy, key_harm = jax.random.split(jax.random.key(seed))
-    policy = TabularPolicy.random(key_policy, V, T, scale=1.5)
-    if horizon is None:
-        harm = TableHarm(jax.random.uniform(key_harm, (V,) * T))
-    else:
-        harm = HorizonHarm(jax.random.uniform(key_harm, (V,) * horizon), horizon)
-    return policy, harm
 
 
 def brute_force_mean_harm(policy, harm):
