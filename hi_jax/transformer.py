@@ -9,10 +9,13 @@ GELU MLP, a final LayerNorm and an untied output layer of V logits. There is
 no dropout.
 
 The KV cache is an ordinary pytree, a tuple with one dict per layer:
-`cache[i]['key']` and `cache[i]['value']` are float [B, S, H, Dh] with
+`cache[i]['key']` and `cache[i]['value']` are float [B, H, S, Dh] with
 S = L0 + T slots, H heads and Dh = width / H. Slot j contains the key and
 value of input token j. The cache stores no decoding index, because the position is
-an argument of `decode_step`, so callers may vmap over positions.
+an argument of `decode_step`, so callers may vmap over positions. Heads come
+before slots so that a decode step's attention products read the cache in
+its stored layout: with slots first, XLA copied both buffers of every
+layer into that layout at every step.
 """
 
 from __future__ import annotations
@@ -159,12 +162,12 @@ class _CausalSelfAttention(nn.Module):
         Args:
           x: float [B, L, D] normalised inputs.
           layer_cache: None, when x is the whole input sequence, or a dict of
-            float [B, S, H, Dh] 'key' and 'value' buffers that receive the
+            float [B, H, S, Dh] 'key' and 'value' buffers that receive the
             keys and values of x at slots start ... start + L - 1.
           start: int scalar, the slot of x[:, 0]; must be 0 without a cache.
 
         Returns:
-          (float [B, L, D], dict of the float [B, S, H, Dh] keys and values
+          (float [B, L, D], dict of the float [B, H, S, Dh] keys and values
           attended to, with S = L when there is no cache).
         """
         cfg = self.config
@@ -174,15 +177,15 @@ class _CausalSelfAttention(nn.Module):
 
         qkv = _dense(3 * cfg.width, self.param_dtype, "qkv")(x)
         query, key, value = jnp.split(qkv, 3, axis=-1)
-        query = query.reshape(batch, length, heads, head_dim)
-        key = key.reshape(batch, length, heads, head_dim)
-        value = value.reshape(batch, length, heads, head_dim)
+        query = query.reshape(batch, length, heads, head_dim).transpose(0, 2, 1, 3)
+        key = key.reshape(batch, length, heads, head_dim).transpose(0, 2, 1, 3)
+        value = value.reshape(batch, length, heads, head_dim).transpose(0, 2, 1, 3)
 
         if layer_cache is None:
             keys, values = key, value
         else:
             zero = jnp.zeros_like(start)
-            index = (zero, start, zero, zero)
+            index = (zero, zero, start, zero)
             keys = jax.lax.dynamic_update_slice(
                 layer_cache["key"], key.astype(layer_cache["key"].dtype), index)
             values = jax.lax.dynamic_update_slice(
@@ -190,14 +193,22 @@ class _CausalSelfAttention(nn.Module):
 
         # Query i is at slot start + i and attends to slots 0 ... start + i.
         # Later slots are masked, so stale cache entries are never read.
-        num_slots = keys.shape[1]
+        num_slots = keys.shape[2]
         query_slots = start + jnp.arange(length)
         mask = jnp.arange(num_slots)[None, :] <= query_slots[:, None]  # [L, S]
 
-        scores = jnp.einsum("blhd,bshd->bhls", query, keys) * head_dim**-0.5
-        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-        weights = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bhls,bshd->blhd", weights, values)
+        if length == 1:
+            # A decode step: without the query axis of length 1, the products
+            # are plain batched matrix-vector products over (B, H).
+            scores = jnp.einsum("bhd,bhsd->bhs", query[:, :, 0], keys) * head_dim**-0.5
+            scores = jnp.where(mask[0], scores, jnp.finfo(scores.dtype).min)
+            weights = jax.nn.softmax(scores, axis=-1)
+            out = jnp.einsum("bhs,bhsd->bhd", weights, values)[:, None]  # [B, 1, H, Dh]
+        else:
+            scores = jnp.einsum("bhld,bhsd->bhls", query, keys) * head_dim**-0.5
+            scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+            weights = jax.nn.softmax(scores, axis=-1)
+            out = jnp.einsum("bhls,bhsd->blhd", weights, values)
         out = out.reshape(batch, length, cfg.width)
         out = _dense(cfg.width, self.param_dtype, "out", residual_stddev)(out)
         return out, {"key": keys, "value": values}
@@ -248,7 +259,7 @@ class _Decoder(nn.Module):
         Args:
           ids: int [B, L] input token ids in [0, V], V being BOS.
           cache: None, when ids is the whole input sequence, or a tuple of
-            `depth` dicts of float [B, S, H, Dh] 'key' and 'value' buffers.
+            `depth` dicts of float [B, H, S, Dh] 'key' and 'value' buffers.
           start: int scalar slot of ids[:, 0]; must be 0 without a cache.
 
         Returns:
@@ -398,7 +409,7 @@ class TransformerPolicy(Policy):
 
         Returns:
           (logits float [B, T, V] as in `logits`, cache: a tuple of `depth`
-          dicts of float [B, S, H, Dh] 'key' and 'value', S = L0 + T).
+          dicts of float [B, H, S, Dh] 'key' and 'value', S = L0 + T).
         """
         tokens = jnp.asarray(tokens)
         self._check_tokens_shape("tokens", tokens, 2)

@@ -74,8 +74,8 @@ def test_cache_shapes():
     slots = 1 + len(CONFIG.prompt) + T
     for layer in cache:
         assert set(layer) == {"key", "value"}
-        assert layer["key"].shape == (3, slots, 2, 8)
-        assert layer["value"].shape == (3, slots, 2, 8)
+        assert layer["key"].shape == (3, 2, slots, 8)
+        assert layer["value"].shape == (3, 2, slots, 8)
 
 
 @pytest.mark.parametrize("start", range(T))
