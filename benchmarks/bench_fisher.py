@@ -71,7 +71,7 @@ def _probe_generation_seconds(params, num_probes: int) -> float:
     def draw(key):
         def one(probe_key):
             keys = jax.random.split(probe_key, len(leaves))
-            return [jax.random.rademacher(k, leaf.shape, leaf.dtype)
+            return [estimators.rademacher_from_bits(k, leaf.shape, leaf.dtype)
                     for k, leaf in zip(keys, leaves)]
 
         return jax.vmap(one)(jax.random.split(key, num_probes))

@@ -173,14 +173,19 @@ def hi_jax_breakdown(policy, harm, num_sequences: int, num_continuations: int,
 
     def branches(key):
         tokens, prefilled = response(key)
-
-        def branch(k, t, v):
-            return sampling.branch_prefilled(k, policy, prefilled, tokens, t, v, M)
-
         branch_keys = jax.random.split(key, (T, V))
-        continuations = jax.vmap(jax.vmap(branch, in_axes=(0, None, 0)),
-                                 in_axes=(0, 0, None))(branch_keys, jnp.arange(T),
-                                                       jnp.arange(V))
+
+        # Decode loops of static length per bucket of positions, as in
+        # `estimators._unit`.
+        def bucket(first, last):
+            def branch(k, t, v):
+                return sampling.branch_prefilled(k, policy, prefilled, tokens, t, v, M,
+                                                 num_steps=T - 1 - first)
+            return jax.vmap(jax.vmap(branch, in_axes=(0, None, 0)),
+                            in_axes=(0, 0, None))(branch_keys[first:last],
+                                                  jnp.arange(first, last), jnp.arange(V))
+
+        continuations = estimators._by_buckets(bucket, T)
         return harm(continuations.reshape(-1, T))
 
     def gradients(key):
@@ -198,7 +203,8 @@ def hi_jax_breakdown(policy, harm, num_sequences: int, num_continuations: int,
 
     def probes(key):
         probe_keys = jax.random.split(key, (num_probes, len(leaves)))
-        return [jax.vmap(lambda k: jax.random.rademacher(k, leaf.shape, leaf.dtype))(
+        return [jax.vmap(lambda k: estimators.rademacher_from_bits(k, leaf.shape,
+                                                                   leaf.dtype))(
             probe_keys[:, i]) for i, leaf in enumerate(leaves)]
 
     parts = {"sample_and_prefill": lambda k: response(k)[0], "branches": branches,

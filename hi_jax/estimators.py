@@ -25,10 +25,18 @@ Harm information I_t (unbiased, both methods):
 * Plug-in ("plug_in"): sum_v p_v hhat_v^2 - (sum_v p_v hhat_v)^2 with plain
   means. Biased upward by sum_v p_v (1 - p_v) sigma_v^2 / M; offered only to
   show that bias.
+* Nested Monte Carlo ("nested"): the estimator written without the policy's
+  probabilities. Sample B tokens v_1..v_B from p(. | y<t), estimate each
+  h_t(y<t v_b) by the mean of M continuations, and take the sample variance
+  (divisor B - 1) of those B means. The continuation noise adds to the
+  spread, so its expectation is I_t + E[Var(Harm | y_<=t)] / M
+  = I_t + (sum_{s>t} I_s) / M. Offered as the baseline that the other
+  methods are measured against.
 
 Gradient contributions: C_t(y<t) = sum_v p_v h_v grad log p_v, computed as
 one reverse pass of sum_v stop_gradient(p_v hhat_v) log p_theta(v | y<t) per
-position. ||G_t||^2 is estimated without the upward bias of a squared mean
+position ("nested" uses (1 / B) sum_b hhat_b log p_theta(v_b | y<t) over its
+sampled tokens, also unbiased). ||G_t||^2 is estimated without the upward bias of a squared mean
 by the U-statistic over independent groups of units,
 (||sum_k g_k||^2 - sum_k ||g_k||^2) / (K (K - 1)), where g_k is the mean of
 C over group k. With one unit per group this is the U-statistic over units.
@@ -55,9 +63,23 @@ from hi_jax import sampling, sharding
 from hi_jax.harms import Harm, as_harm, check_harm_values
 from hi_jax.policy import Policy
 
-INFO_METHODS = ("rao_blackwell", "pick_freeze", "plug_in")
+INFO_METHODS = ("rao_blackwell", "pick_freeze", "plug_in", "nested")
 FISHER_METHODS = ("exact", "hutchinson")
 MAX_GROUPS = 32
+# Continuations from different positions need different numbers of decode
+# steps. Positions are split into at most this many contiguous buckets, each
+# with one decode loop of static length (the longest in the bucket): more
+# buckets discard fewer steps but compile more loops. With T positions in
+# buckets of n, about (n - 1) / T of the decode steps are discarded.
+MAX_DECODE_LOOPS = 8
+# Units are sampled in chunks of whole groups, all units of a chunk in one
+# vmap. A chunk holds as many groups as keep the forked caches of its
+# continuations within this many bytes (at least one group). Larger chunks
+# run fewer, larger operations, but on a CPU, caches much larger than its
+# last-level cache are read from memory at every decode step: on the 2-core
+# machine of docs/benchmarks.md, a whole I_t profile took 0.89 s with 38 MB
+# chunks, 0.93 s with 75 MB and 1.27 s with 300 MB.
+MAX_CHUNK_CACHE_BYTES = 2**26
 
 
 class Estimate(NamedTuple):
@@ -124,6 +146,7 @@ class EstimatorSettings:
     num_continuations: int
     info_method: str
     top_k: int | None
+    num_branches: int | None
     fisher_method: str
     num_probes: int
     num_groups: int
@@ -133,7 +156,8 @@ def estimate_profile(key: jax.Array, policy: Policy, harm, num_sequences: int = 
                      num_continuations: int = 8, info_method: str = "rao_blackwell",
                      top_k: int | None = None, fisher_method: str = "exact",
                      num_probes: int = 4, num_groups: int | None = None,
-                     mesh: jax.sharding.Mesh | None = None) -> MonteCarloProfile:
+                     mesh: jax.sharding.Mesh | None = None,
+                     num_branches: int | None = None) -> MonteCarloProfile:
     """Estimates I_t, ||G_t||^2, the Fisher traces and the bound per position.
 
     Args:
@@ -143,10 +167,14 @@ def estimate_profile(key: jax.Array, policy: Policy, harm, num_sequences: int = 
       num_sequences: N >= 3, independent outer samples (prefixes).
       num_continuations: M >= 2 continuations per branch, needed for the
         unbiased U-statistics.
-      info_method: "rao_blackwell", "pick_freeze" or "plug_in" (biased).
+      info_method: "rao_blackwell", "pick_freeze", or the biased "plug_in"
+        and "nested".
       top_k: with "rao_blackwell" or "plug_in", the number K in [1, V - 1] of
         most probable candidates to enumerate (the rest is covered by two
         sampled remainder tokens); None enumerates all V.
+      num_branches: with "nested", the number B >= 2 of tokens sampled at
+        each prefix; None samples V of them, as many branches as
+        "rao_blackwell" enumerates.
       fisher_method: "exact" (per-token gradients) or "hutchinson".
       num_probes: Rademacher probes per prefix for "hutchinson", >= 1.
       num_groups: K >= 3 groups of units for the ||G_t||^2 U-statistic and
@@ -168,7 +196,7 @@ def estimate_profile(key: jax.Array, policy: Policy, harm, num_sequences: int = 
     harm = as_harm(harm)
     settings = _validate_settings(key, policy, num_sequences, num_continuations,
                                   info_method, top_k, fisher_method, num_probes,
-                                  num_groups)
+                                  num_groups, num_branches)
     harm.check_compatible(policy.vocab_size, policy.response_length)
     _probe_harm(harm, policy)
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -178,7 +206,8 @@ def estimate_profile(key: jax.Array, policy: Policy, harm, num_sequences: int = 
         unit_sharding = sharding.unit_sharding(
             mesh, settings.num_sequences // settings.num_groups,
             "num_sequences / num_groups")
-    raw = _estimate_raw(key, policy, harm, settings, unit_sharding)
+    raw = _estimate_raw(key, policy, harm, settings, _groups_per_chunk(policy, settings),
+                        unit_sharding)
     raw = jax.device_get(raw)
     check_harm_values(harm.name, np.array([raw["harm_min"], raw["harm_max"]]))
     if raw["harm_nan"] > 0:
@@ -187,7 +216,7 @@ def estimate_profile(key: jax.Array, policy: Policy, harm, num_sequences: int = 
 
 
 def _validate_settings(key, policy, num_sequences, num_continuations, info_method,
-                       top_k, fisher_method, num_probes, num_groups):
+                       top_k, fisher_method, num_probes, num_groups, num_branches):
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a hi_jax Policy; got {type(policy).__name__}")
     check_prng_key(key)
@@ -201,13 +230,22 @@ def _validate_settings(key, policy, num_sequences, num_continuations, info_metho
         raise ValueError(
             f"fisher_method must be one of {FISHER_METHODS}; got {fisher_method!r}")
     if top_k is not None:
-        if info_method == "pick_freeze":
-            raise ValueError("top_k applies to info_method 'rao_blackwell' or "
-                             "'plug_in'; pick_freeze does not branch on tokens")
+        if info_method not in ("rao_blackwell", "plug_in"):
+            raise ValueError(f"top_k applies to info_method 'rao_blackwell' or "
+                             f"'plug_in', which enumerate tokens; got info_method="
+                             f"{info_method!r}")
         _check_int("top_k", top_k, 1)
         if top_k > V - 1:
             raise ValueError(f"top_k must be in [1, V - 1] = [1, {V - 1}], or None to "
                              f"enumerate all tokens; got {top_k}")
+    if num_branches is not None:
+        if info_method != "nested":
+            raise ValueError(f"num_branches applies to info_method 'nested' only; got "
+                             f"info_method={info_method!r}")
+        _check_int("num_branches", num_branches, 2,
+                   "the sample variance needs at least 2 branches")
+    elif info_method == "nested":
+        num_branches = V
     _check_int("num_probes", num_probes, 1)
     if num_groups is None:
         num_groups = max(d for d in range(1, min(num_sequences, MAX_GROUPS) + 1)
@@ -222,7 +260,9 @@ def _validate_settings(key, policy, num_sequences, num_continuations, info_metho
         raise ValueError(f"num_groups={num_groups} must divide num_sequences="
                          f"{num_sequences}")
     return EstimatorSettings(int(num_sequences), int(num_continuations), info_method,
-                             None if top_k is None else int(top_k), fisher_method,
+                             None if top_k is None else int(top_k),
+                             None if num_branches is None else int(num_branches),
+                             fisher_method,
                              int(num_probes), int(num_groups))
 
 
@@ -353,9 +393,14 @@ def _unit(key, policy: Policy, harm: Harm, settings: EstimatorSettings):
     if settings.info_method == "pick_freeze":
         starts = jnp.arange(T + 1)
         cont_keys = jax.random.split(keys["continuation"], T + 1)
-        continuations = jax.vmap(
-            lambda k, s: sampling.continue_prefilled(k, policy, prefilled, tokens, s, M)
-        )(cont_keys, starts)  # [T + 1, M, T]
+
+        def continue_bucket(first, last):
+            def one(k, s):
+                return sampling.continue_prefilled(k, policy, prefilled, tokens, s, M,
+                                                   num_steps=T - first)
+            return jax.vmap(one)(cont_keys[first:last], starts[first:last])
+
+        continuations = _by_buckets(continue_bucket, T + 1)  # [T + 1, M, T]
         harm_values = harm(continuations.reshape(-1, T)).reshape(T + 1, M)
         harm_seen.append(harm_values)
         squares = _u_square(harm_values)  # [T + 1]; index s: h_{s-1}^2
@@ -366,21 +411,34 @@ def _unit(key, policy: Policy, harm: Harm, settings: EstimatorSettings):
             h_mean[1:] - h_mean[:-1])
     else:
         cand_keys = jax.random.split(keys["remainder"], T)
-        tokens_c, weights, is_remainder = jax.vmap(
-            lambda k, p: _candidates(k, p, settings.top_k, V))(cand_keys, probs)
+        if settings.info_method == "nested":
+            tokens_c = jax.vmap(lambda k, lp: jax.random.categorical(
+                k, lp, shape=(settings.num_branches,)))(cand_keys, logp)  # [T, B]
+        else:
+            tokens_c, weights, is_remainder = jax.vmap(
+                lambda k, p: _candidates(k, p, settings.top_k, V))(cand_keys, probs)
         C = tokens_c.shape[1]
         cont_keys = jax.random.split(keys["continuation"], (T, C))
 
-        def branch(k, t, v):
-            return sampling.branch_prefilled(k, policy, prefilled, tokens, t, v, M)
+        def branch_bucket(first, last):
+            def branch(k, t, v):
+                return sampling.branch_prefilled(k, policy, prefilled, tokens, t, v, M,
+                                                 num_steps=T - 1 - first)
+            return jax.vmap(jax.vmap(branch, in_axes=(0, None, 0)))(
+                cont_keys[first:last], positions[first:last], tokens_c[first:last])
 
-        continuations = jax.vmap(jax.vmap(branch, in_axes=(0, None, 0)),
-                                 in_axes=(0, 0, 0))(cont_keys, positions, tokens_c)
+        continuations = _by_buckets(branch_bucket, T)  # [T, C, M, T]
         harm_values = harm(continuations.reshape(-1, T)).reshape(T, C, M)
         harm_seen.append(harm_values)
-        variance, cand_coefficients = jax.vmap(
-            lambda h, w, r: _branch_info(h, w, r, settings.info_method == "plug_in")
-        )(harm_values, weights, is_remainder)
+        if settings.info_method == "nested":
+            branch_means = harm_values.mean(-1)  # [T, B]
+            variance = branch_means.var(-1, ddof=1)
+            # Each sampled token stands for 1 / B of the expectation over v.
+            cand_coefficients = branch_means / C
+        else:
+            variance, cand_coefficients = jax.vmap(
+                lambda h, w, r: _branch_info(h, w, r, settings.info_method == "plug_in")
+            )(harm_values, weights, is_remainder)
         coefficients = jax.vmap(
             lambda c, tok: jnp.zeros((V,), c.dtype).at[tok].add(c))(
                 cand_coefficients, tokens_c)
@@ -402,6 +460,17 @@ def _unit(key, policy: Policy, harm: Harm, settings: EstimatorSettings):
                 harm_max=all_harm.max(), harm_nan=jnp.isnan(all_harm).sum())
 
 
+def _by_buckets(fn, count: int) -> jax.Array:
+    """Concatenates fn(first, last) over contiguous buckets of range(count).
+
+    `fn` returns an array whose leading axis has last - first entries; see
+    `MAX_DECODE_LOOPS`.
+    """
+    edges = np.linspace(0, count, min(count, MAX_DECODE_LOOPS) + 1).round().astype(int)
+    parts = [fn(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    return jnp.concatenate(parts, axis=0)
+
+
 def _exact_fisher_traces(log_probs_of, params, probs):
     """tr F_t = sum_v p_v ||grad log p_v(y<t)||^2 by T*V reverse passes: [T]."""
     T, V = probs.shape
@@ -416,13 +485,28 @@ def _exact_fisher_traces(log_probs_of, params, probs):
     return (probs * sq_norms).sum(-1)
 
 
+def rademacher_from_bits(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Independent uniform signs (+1 or -1) of `shape`, 32 from each random word.
+
+    `jax.random.rademacher` runs the generator once per value. Every bit of
+    a generated uint32 word is an independent fair coin, so this draws
+    ceil(size / 32) words and unpacks their bits, which makes the probes of
+    a Hutchinson estimate about as cheap as reading them.
+    """
+    size = int(np.prod(shape, dtype=np.int64))
+    words = jax.random.bits(key, (-(-size // 32),), jnp.uint32)
+    bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    signs = 1 - 2 * bits.reshape(-1)[:size].astype(dtype)
+    return signs.reshape(shape)
+
+
 def _hutchinson_fisher_traces(key, log_probs_of, params, probs, num_probes):
     """Hutchinson estimate of tr F_t with Rademacher probes and forward-mode jvp: [T]."""
     leaves, treedef = jax.tree.flatten(params)
 
     def one_probe(probe_key):
         probe_keys = jax.random.split(probe_key, len(leaves))
-        probe = [jax.random.rademacher(k, leaf.shape, leaf.dtype)
+        probe = [rademacher_from_bits(k, leaf.shape, leaf.dtype)
                  for k, leaf in zip(probe_keys, leaves)]
         _, directional = jax.jvp(log_probs_of, (params,),
                                  (jax.tree.unflatten(treedef, probe),))
@@ -431,29 +515,60 @@ def _hutchinson_fisher_traces(key, log_probs_of, params, probs, num_probes):
     return jax.vmap(one_probe)(jax.random.split(key, num_probes)).mean(0)
 
 
-@functools.partial(jax.jit, static_argnames=("harm", "settings", "unit_sharding"))
-def _estimate_raw(key, policy, harm, settings: EstimatorSettings, unit_sharding=None):
+def _groups_per_chunk(policy: Policy, settings: EstimatorSettings) -> int:
+    """Number of groups whose units are vmapped together; see `MAX_CHUNK_CACHE_BYTES`.
+
+    The largest divisor of num_groups whose units' forked caches fit in the
+    budget, and at least 1.
+    """
+    K = settings.num_groups
+    per_group = settings.num_sequences // K
+    T, V, M = policy.response_length, policy.vocab_size, settings.num_continuations
+    if settings.info_method == "pick_freeze":
+        rows = (T + 1) * M
+    elif settings.info_method == "nested":
+        rows = T * settings.num_branches * M
+    else:
+        rows = T * (V if settings.top_k is None else settings.top_k + 2) * M
+    cache = jax.eval_shape(policy.prefill, jax.ShapeDtypeStruct((1, T), jnp.int32))[1]
+    row_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
+    unit_bytes = max(per_group * rows * row_bytes, 1)
+    fitting = max(MAX_CHUNK_CACHE_BYTES // unit_bytes, 1)
+    return max(g for g in range(1, K + 1) if K % g == 0 and g <= fitting)
+
+
+@functools.partial(jax.jit, static_argnames=("harm", "settings", "chunk", "unit_sharding"))
+def _estimate_raw(key, policy, harm, settings: EstimatorSettings, chunk: int,
+                  unit_sharding=None):
+    """All per-unit and per-group statistics; `chunk` groups are vmapped together."""
     K = settings.num_groups
     per_group = settings.num_sequences // K
     T = policy.response_length
     unit_keys = jax.random.split(key, settings.num_sequences)
-    unit_keys = unit_keys.reshape((K, per_group) + unit_keys.shape[1:])
+    unit_keys = unit_keys.reshape((K // chunk, chunk, per_group) + unit_keys.shape[1:])
     if unit_sharding is not None:
         unit_keys = jax.lax.with_sharding_constraint(unit_keys, unit_sharding)
 
-    def group(keys):
-        stats = jax.vmap(lambda k: _unit(k, policy, harm, settings))(keys)
-        tokens, coefficients = stats.pop("tokens"), stats.pop("coefficients")
-
+    def group_gradients(tokens, coefficients):
         # The group's sum of C_t as one reverse pass per position over the
         # summed surrogate, rather than per-unit gradients summed afterwards.
         def surrogate(params):
             log_probs = policy.replace_params(params).log_probs(tokens)  # [n, T, V]
             return (coefficients * log_probs).sum(axis=(0, 2))  # [T]
 
-        return stats, jax.jacrev(surrogate)(policy.params)
+        return jax.jacrev(surrogate)(policy.params)
 
-    stats, grad_sums = jax.lax.map(group, unit_keys)
+    def groups(keys):
+        # Sampling is vmapped over every unit of the chunk's groups; the
+        # gradients, whose outputs have T x P entries, are mapped per group.
+        stats = jax.vmap(jax.vmap(lambda k: _unit(k, policy, harm, settings)))(keys)
+        tokens, coefficients = stats.pop("tokens"), stats.pop("coefficients")
+        grads = jax.lax.map(lambda tc: group_gradients(*tc), (tokens, coefficients))
+        return stats, grads
+
+    stats, grad_sums = jax.lax.map(groups, unit_keys)
+    stats = {name: value.reshape((K,) + value.shape[2:]) for name, value in stats.items()}
+    grad_sums = jax.tree.map(lambda g: g.reshape((K,) + g.shape[2:]), grad_sums)
     # Group means g_k of C_t; the U-statistic needs only their inner products.
     group_means = jax.tree.map(lambda g: g / per_group, grad_sums)  # [K, T, ...]
     total = jax.tree.map(lambda g: g.sum(0), group_means)  # [T, ...]

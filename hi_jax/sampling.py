@@ -8,7 +8,12 @@ candidate tokens branch from it.
 
 All functions here work on one prefix; callers vmap over prefixes and
 positions. The decode loop runs from a traced start position, so vmapping
-over start positions is allowed.
+over start positions is allowed. Under that vmap a loop from `start` to T
+becomes a while loop that runs as many steps as the longest row and selects
+every row's state at every step. Passing a static `num_steps` instead runs
+exactly that many steps with no selects: positions past T - 1 are computed
+and discarded. Both draw the same token at each position (position s uses
+fold_in(key, s)), so they return identical responses.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from hi_jax.policy import Policy, PyTree, check_tokens, fork_cache
 
 
 def _decode(key: jax.Array, policy: Policy, cache: PyTree, logits: jax.Array,
-            buffer: jax.Array, start: jax.Array) -> jax.Array:
+            buffer: jax.Array, start: jax.Array, num_steps: int | None = None) -> jax.Array:
     """Samples positions start .. T-1 of every row of `buffer`.
 
     Args:
@@ -33,22 +38,40 @@ def _decode(key: jax.Array, policy: Policy, cache: PyTree, logits: jax.Array,
       logits: float [M, V], logits of y_start.
       buffer: int [M, T]; positions < start are kept.
       start: int scalar in [0, T]; at T nothing is sampled.
+      num_steps: None loops from `start` to T. A static int runs exactly
+        that many steps from `start`, which must be at least T - start;
+        steps past position T - 1 repeat position T - 1 and are discarded.
 
     Returns:
       int [M, T] responses.
     """
     T = policy.response_length
 
-    def body(position, carry):
-        buffer, logits, cache = carry
+    def step(position, buffer, logits, cache, keep):
         tokens = jax.random.categorical(jax.random.fold_in(key, position), logits)
         tokens = tokens.astype(buffer.dtype)
+        if keep is not None:
+            current = jax.lax.dynamic_index_in_dim(buffer, position, axis=1,
+                                                   keepdims=False)
+            tokens = jnp.where(keep, current, tokens)
         buffer = jax.lax.dynamic_update_slice_in_dim(buffer, tokens[:, None],
                                                      position, axis=1)
         logits, cache = policy.decode_step(cache, tokens, position)
         return buffer, logits, cache
 
-    buffer, _, _ = jax.lax.fori_loop(start, T, body, (buffer, logits, cache))
+    if num_steps is None:
+        def body(position, carry):
+            return step(position, *carry, None)
+
+        buffer, _, _ = jax.lax.fori_loop(start, T, body, (buffer, logits, cache))
+        return buffer
+
+    def fixed_body(i, carry):
+        position = start + i
+        # Past the end, position T - 1 is decoded again and its token kept.
+        return step(jnp.minimum(position, T - 1), *carry, position >= T)
+
+    buffer, _, _ = jax.lax.fori_loop(0, num_steps, fixed_body, (buffer, logits, cache))
     return buffer
 
 
@@ -59,7 +82,7 @@ def prefill_one(policy: Policy, tokens: jax.Array) -> tuple[jax.Array, PyTree]:
 
 
 def continue_prefilled(key: jax.Array, policy: Policy, prefilled, tokens: jax.Array,
-                       start: jax.Array, num: int) -> jax.Array:
+                       start: jax.Array, num: int, num_steps: int | None = None) -> jax.Array:
     """Samples `num` continuations of tokens[:start] from a prefilled cache.
 
     Args:
@@ -69,6 +92,7 @@ def continue_prefilled(key: jax.Array, policy: Policy, prefilled, tokens: jax.Ar
       tokens: int [T]; only positions < start are read.
       start: int scalar in [0, T]; T returns `num` copies of `tokens`.
       num: M, the number of continuations.
+      num_steps: None, or a static int >= T - start; see `_decode`.
 
     Returns:
       int [M, T]; positions < start equal `tokens`.
@@ -78,15 +102,18 @@ def continue_prefilled(key: jax.Array, policy: Policy, prefilled, tokens: jax.Ar
     logits = jnp.take(logits_all, jnp.minimum(start, T - 1), axis=0)
     logits = jnp.broadcast_to(logits, (num,) + logits.shape)
     buffer = jnp.broadcast_to(tokens, (num, T))
-    return _decode(key, policy, fork_cache(cache, num), logits, buffer, start)
+    return _decode(key, policy, fork_cache(cache, num), logits, buffer, start,
+                   num_steps)
 
 
 def branch_prefilled(key: jax.Array, policy: Policy, prefilled, tokens: jax.Array,
-                     position: jax.Array, candidate: jax.Array, num: int) -> jax.Array:
+                     position: jax.Array, candidate: jax.Array, num: int,
+                     num_steps: int | None = None) -> jax.Array:
     """Samples `num` continuations of (tokens[:position], candidate).
 
-    The candidate token is fed to the forked cache with one `decode_step`,
-    so the prefix tokens[:position] is not encoded again.
+    The candidate token is fed to the prefix's cache with one `decode_step`
+    before the cache is forked, so the prefix tokens[:position] is not
+    encoded again and the candidate is encoded once, not `num` times.
 
     Args:
       key: PRNG key.
@@ -96,19 +123,24 @@ def branch_prefilled(key: jax.Array, policy: Policy, prefilled, tokens: jax.Arra
       position: int scalar in [0, T - 1], where the candidate goes.
       candidate: int scalar token id.
       num: M.
+      num_steps: None, or a static int >= T - 1 - position, the decode steps
+        after the candidate; see `_decode`.
 
     Returns:
       int [M, T] with column `position` equal to `candidate`.
     """
     _, cache = prefilled
     T = policy.response_length
+    # The candidate step is the same for every continuation, so it runs on
+    # the prefix's single cache row before the cache is forked.
+    candidate = jnp.asarray(candidate, tokens.dtype)
+    logits, cache = policy.decode_step(cache, candidate[None], position)
     cache = fork_cache(cache, num)
-    candidates = jnp.full((num,), candidate, dtype=tokens.dtype)
+    logits = jnp.broadcast_to(logits, (num,) + logits.shape[1:])
     buffer = jnp.broadcast_to(tokens, (num, T))
-    buffer = jax.lax.dynamic_update_slice_in_dim(buffer, candidates[:, None],
-                                                 position, axis=1)
-    logits, cache = policy.decode_step(cache, candidates, position)
-    return _decode(key, policy, cache, logits, buffer, position + 1)
+    buffer = jax.lax.dynamic_update_slice_in_dim(
+        buffer, jnp.full((num, 1), candidate, tokens.dtype), position, axis=1)
+    return _decode(key, policy, cache, logits, buffer, position + 1, num_steps)
 
 
 def sample_continuations(key: jax.Array, policy: Policy, tokens: jax.Array,

@@ -32,9 +32,9 @@ def _check_divisible(mesh: Mesh, size: int, field_name: str) -> None:
 
 
 def unit_sharding(mesh: Mesh, per_group: int, field_name: str) -> NamedSharding:
-    """Sharding of [K, n] keys: the n outer samples of each group split over devices."""
+    """Sharding of [chunks, groups, n] keys: each group's n outer samples split over devices."""
     _check_divisible(mesh, per_group, field_name)
-    return NamedSharding(mesh, PartitionSpec(None, BATCH_AXIS))
+    return NamedSharding(mesh, PartitionSpec(None, None, BATCH_AXIS))
 
 
 def batch_sharding(mesh: Mesh, batch_size: int, field_name: str = "batch_size") -> NamedSharding:

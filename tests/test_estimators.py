@@ -103,6 +103,32 @@ def test_plug_in_bias_visible_unbiased_none():
         assert np.all(np.abs(z) < Z_MAX), (method, z)
 
 
+def test_nested_bias_is_the_continuation_noise():
+    policy, harm = random_world(3, 4, 0)
+    exact = exact_profile(policy, harm)
+    M = 2
+    nested = estimate_profile(jax.random.key(6), policy, harm, num_sequences=2048,
+                              num_continuations=M, info_method="nested", num_branches=3)
+    # E[nested I_t] = I_t + E[Var(Harm | y_<=t)] / M, and the expected
+    # conditional variance left after position t is the sum of the later I_s.
+    tail = np.cumsum(exact.I[::-1])[::-1] - exact.I
+    z = (nested.I.mean - (exact.I + tail / M)) / nested.I.stderr
+    assert np.all(np.abs(z) < Z_MAX), z
+    bias_z = (nested.I.mean - exact.I) / nested.I.stderr
+    assert np.all(bias_z[:-1] > 6), bias_z
+    # Its gradient contributions and Fisher traces are unbiased.
+    for field in ("G_norm_sq", "fisher_trace_mean", "h0"):
+        z = z_scores(getattr(nested, field), getattr(exact, field))
+        assert np.all(np.abs(z) < Z_MAX), (field, z)
+
+
+def test_nested_defaults_to_one_branch_per_token():
+    policy, harm = random_world(3, 3, 0)
+    estimate = estimate_profile(jax.random.key(0), policy, harm, num_sequences=6,
+                                num_continuations=2, info_method="nested")
+    assert estimate.settings["num_branches"] == 3
+
+
 @pytest.mark.parametrize("method", ["rao_blackwell", "pick_freeze"])
 def test_horizon_harm_beyond_horizon(method):
     policy, harm = random_world(3, 4, 3, horizon=2)
@@ -176,6 +202,9 @@ def test_continuations_keep_prefix_and_follow_conditionals():
     (dict(fisher_method="diag"), ValueError, "fisher_method must be one of"),
     (dict(top_k=3), ValueError, r"top_k must be in \[1, V - 1\] = \[1, 2\]"),
     (dict(top_k=1, info_method="pick_freeze"), ValueError, "top_k applies"),
+    (dict(top_k=1, info_method="nested"), ValueError, "top_k applies"),
+    (dict(num_branches=4), ValueError, "num_branches applies to info_method 'nested'"),
+    (dict(num_branches=1, info_method="nested"), ValueError, "num_branches must be >= 2"),
     (dict(num_probes=0), ValueError, "num_probes must be >= 1"),
     (dict(num_sequences=10, num_groups=4), ValueError, "must divide num_sequences"),
     (dict(num_sequences=37), ValueError, "no divisor"),
