@@ -37,7 +37,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     common.check_int(config, "num_sequences", 3)
     common.check_int(config, "num_continuations", 2)
     common.check_int(config, "top_k", 0, config.vocab_size - 1)
+    common.check_int(config, "num_branches", 0)
+    if config.num_branches == 1:
+        raise ValueError("config.num_branches=1 is out of range; allowed: 0 (V branches) "
+                         "or >= 2")
     common.check_int(config, "num_probes", 1)
+    common.check_int(config, "num_groups", 0)
+    if config.num_groups in (1, 2):
+        raise ValueError(f"config.num_groups={config.num_groups} is out of range; allowed: "
+                         "0 (the default count) or >= 3")
     common.check_int(config, "horizon", 1, config.response_length)
     common.check_range(config, "decay", 0.0, 1.0, low_open=True)
     common.check_range(config, "logit_scale", 0.0, None)
@@ -110,12 +118,17 @@ def run_profile(config: ml_collections.ConfigDict, workdir: str,
     harm = build_harm(key_harm, config, V, T)
     logging.info("policy %s with V=%d, T=%d; harm %s", type(policy).__name__, V, T, harm)
 
+    mesh = None
+    if config.shard and jax.local_device_count() > 1:
+        mesh = hi_jax.sharding.batch_mesh()
+        logging.info("outer samples sharded over %d local devices", mesh.size)
     start = time.time()
     estimate = hi_jax.estimate_profile(
         key_estimate, policy, harm, num_sequences=config.num_sequences,
         num_continuations=config.num_continuations, info_method=config.info_method,
-        top_k=config.top_k or None, fisher_method=config.fisher_method,
-        num_probes=config.num_probes)
+        top_k=config.top_k or None, num_branches=config.num_branches or None,
+        fisher_method=config.fisher_method,
+        num_probes=config.num_probes, num_groups=config.num_groups or None, mesh=mesh)
     mc_seconds = time.time() - start
     logging.info("Monte Carlo profile: %.1f s including compilation", mc_seconds)
     result = {"config": config.to_dict(), "vocab_size": V, "response_length": T,

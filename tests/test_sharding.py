@@ -98,3 +98,27 @@ def test_mesh_size_must_divide_batch():
             print(error)
     """)
     assert "num_sequences / num_groups=6 must be divisible by the 4 devices" in out
+
+
+def test_profile_command_shards_over_local_devices(tmp_path):
+    out = run_with_devices(f"""
+        import jax
+        from experiments import profile
+        from experiments.configs import profile as profile_config
+        assert jax.local_device_count() == 4, jax.devices()
+        results = {{}}
+        for shard in (True, False):
+            config = profile_config.get_config()
+            config.vocab_size, config.response_length, config.horizon = 3, 3, 2
+            config.num_sequences, config.num_groups = 32, 4
+            config.num_continuations = 2
+            config.shard = shard
+            workdir = r"{tmp_path}" + f"/run_{{shard}}"
+            results[shard] = profile.run_profile(config, workdir)["monte_carlo"]
+        for field in ("I", "G_norm_sq", "cs_pointwise"):
+            sharded, plain = results[True][field], results[False][field]
+            for a, b in zip(sharded["mean"], plain["mean"]):
+                assert abs(a - b) <= 1e-6 * max(1.0, abs(b)), (field, a, b)
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")

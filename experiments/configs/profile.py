@@ -29,10 +29,18 @@ def get_config() -> ml_collections.ConfigDict:
     # Estimators (see hi_jax.estimate_profile).
     config.num_sequences = 512  # N outer samples, >= 3.
     config.num_continuations = 8  # M continuations per branch, >= 2.
-    config.info_method = "rao_blackwell"  # "rao_blackwell", "pick_freeze" or "plug_in".
+    # "rao_blackwell" or "pick_freeze" (unbiased); "plug_in" or "nested" (biased baselines).
+    config.info_method = "rao_blackwell"
     config.top_k = 0  # Candidates enumerated per prefix; 0 enumerates all V.
+    config.num_branches = 0  # Tokens sampled per prefix by "nested"; 0 samples V.
     config.fisher_method = "exact"  # "exact" or "hutchinson".
     config.num_probes = 4  # Hutchinson probes per prefix, >= 1.
+    # Groups of outer samples for ||G_t||^2 and the jackknife, dividing N;
+    # 0 takes the largest divisor of N up to 32.
+    config.num_groups = 0
+    # With several local devices, shard each group's outer samples over all
+    # of them (N / num_groups must then be divisible by the device count).
+    config.shard = True
     # Exact oracle: "auto" (when V**T <= 65536), "always" or "never".
     config.exact = "auto"
     return config
