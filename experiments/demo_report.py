@@ -102,16 +102,20 @@ def summary_markdown(summary: dict) -> str:
         restored = std["harm_rate_beyond_horizon"] / base["harm_rate_beyond_horizon"] \
             if base["harm_rate_beyond_horizon"] else float("nan")
         lines += [
-            f"- Prefilling l > {k} harmful tokens restores the standard model's harm rate "
-            f"to {std['harm_rate_beyond_horizon']:.3f} on average over l, "
+            f"- Prefilling l > {k} harmful tokens gives the standard model a harm rate "
+            f"of {std['harm_rate_beyond_horizon']:.3f} on average over l, "
             f"{_percent(restored)} of the base model's {base['harm_rate_beyond_horizon']:.3f};"
             f" the deep model's rate under the same attack is "
-            f"{deep['harm_rate_beyond_horizon']:.3f}.",
+            f"{deep['harm_rate_beyond_horizon']:.3f}. Shallow alignment predicts a rate "
+            f"near the base model's. Where the standard model's rate is far below it, "
+            f"its recovery rule learnt at t < k carried over to later positions "
+            f"through the shared parameters; how far it carries over varies with the "
+            f"seed and with the floating-point rounding of the machine.",
         ]
     lines += [
-        f"- The deep model pays for its recovery with KL beyond the horizon on harmful "
-        f"prefixes: {deep['kl_on_q_beyond_horizon']:.3f} nats summed over t >= {k} "
-        f"(standard: {std['kl_on_q_beyond_horizon']:.3f}). On the models' own samples, "
+        f"- KL from the base model beyond the horizon on harmful prefixes, summed over "
+        f"t >= {k}: {deep['kl_on_q_beyond_horizon']:.3f} nats (deep) and "
+        f"{std['kl_on_q_beyond_horizon']:.3f} nats (standard). On the models' own samples, "
         f"which rarely reach a harmful prefix once aligned, the KL beyond the horizon is "
         f"{deep['kl_beyond_horizon']:.3f} nats (deep) and "
         f"{std['kl_beyond_horizon']:.3f} nats (standard).",

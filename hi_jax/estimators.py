@@ -73,7 +73,7 @@ MAX_GROUPS = 32
 # buckets of n, about (n - 1) / T of the decode steps are discarded.
 MAX_DECODE_LOOPS = 8
 # Units are sampled in chunks of whole groups, all units of a chunk in one
-# vmap. A chunk holds as many groups as keep the forked caches of its
+# vmap. A chunk contains as many groups as keep the forked caches of its
 # continuations within this many bytes (at least one group). Larger chunks
 # run fewer, larger operations, but on a CPU, caches much larger than its
 # last-level cache are read from memory at every decode step: on the 2-core
@@ -540,7 +540,7 @@ def _groups_per_chunk(policy: Policy, settings: EstimatorSettings) -> int:
 @functools.partial(jax.jit, static_argnames=("harm", "settings", "chunk", "unit_sharding"))
 def _estimate_raw(key, policy, harm, settings: EstimatorSettings, chunk: int,
                   unit_sharding=None):
-    """All per-unit and per-group statistics; `chunk` groups are vmapped together."""
+    """Computes all per-unit and per-group statistics, vmapping `chunk` groups together."""
     K = settings.num_groups
     per_group = settings.num_sequences // K
     T = policy.response_length

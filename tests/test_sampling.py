@@ -68,7 +68,8 @@ def test_estimates_do_not_depend_on_buckets_or_chunks(monkeypatch):
 @pytest.mark.parametrize("shape", [(1,), (31,), (32,), (33,), (7, 45)])
 def test_rademacher_from_bits_shape_and_values(shape):
     signs = estimators.rademacher_from_bits(jax.random.key(0), shape, jnp.float32)
-    assert signs.shape == shape and signs.dtype == jnp.float32
+    assert signs.shape == shape
+    assert signs.dtype == jnp.float32
     assert set(np.unique(np.asarray(signs))) <= {-1.0, 1.0}
 
 
