@@ -6,7 +6,7 @@ are the prefixes at which the per-position quantities are estimated. Units
 are independent, so each per-position mean has an honest standard error
 from their spread.
 
-Harm information I_t (unbiased, both methods):
+Harm information I_t (the first two methods are unbiased):
 
 * Rao-Blackwellised ("rao_blackwell"): at y<t, branch on every candidate
   token v with its exact probability p_v and estimate h_v = h_t(y<t v) from
@@ -36,8 +36,8 @@ Harm information I_t (unbiased, both methods):
 Gradient contributions: C_t(y<t) = sum_v p_v h_v grad log p_v, computed as
 one reverse pass of sum_v stop_gradient(p_v hhat_v) log p_theta(v | y<t) per
 position ("nested" uses (1 / B) sum_b hhat_b log p_theta(v_b | y<t) over its
-sampled tokens, also unbiased). ||G_t||^2 is estimated without the upward bias of a squared mean
-by the U-statistic over independent groups of units,
+sampled tokens, also unbiased). ||G_t||^2 is estimated without the upward
+bias of a squared mean by the U-statistic over independent groups of units,
 (||sum_k g_k||^2 - sum_k ||g_k||^2) / (K (K - 1)), where g_k is the mean of
 C over group k. With one unit per group this is the U-statistic over units.
 
@@ -486,7 +486,7 @@ def _exact_fisher_traces(log_probs_of, params, probs):
 
 
 def rademacher_from_bits(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
-    """Independent uniform signs (+1 or -1) of `shape`, 32 from each random word.
+    """Draws independent uniform signs (+1 or -1) of `shape`, 32 from each random word.
 
     `jax.random.rademacher` runs the generator once per value. Every bit of
     a generated uint32 word is an independent fair coin, so this draws
