@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -69,8 +71,17 @@ def _define_flags(default_config: str) -> None:
                       "Replace the result files of an existing run directory.")
 
 
+class _DropOrbaxInfo(std_logging.Filter):
+    """Drops the INFO lines of orbax-checkpoint, about 250 per demo; its warnings pass."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return (record.levelno >= std_logging.WARNING
+                or f"{os.sep}orbax{os.sep}" not in record.pathname)
+
+
 def _guarded(command: str, main):
     def run_main(argv):
+        logging.get_absl_handler().addFilter(_DropOrbaxInfo())
         try:
             main(argv, flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.overwrite)
         except (ValueError, TypeError, OSError, FloatingPointError) as error:

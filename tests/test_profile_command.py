@@ -126,3 +126,20 @@ def test_command_line_rejects_unknown_command(tmp_path):
     result = _run_cli("train", cwd=tmp_path)
     assert result.returncode == 2
     assert "unknown command 'train'" in result.stderr
+
+
+def test_orbax_info_lines_are_dropped():
+    import logging
+    import os
+
+    from experiments.cli import _DropOrbaxInfo
+
+    def record(path, level):
+        return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+    orbax_file = os.path.join("site-packages", "orbax", "checkpoint", "saver.py")
+    own_file = os.path.join("hi_jax", "training.py")
+    keep = _DropOrbaxInfo().filter
+    assert not keep(record(orbax_file, logging.INFO))
+    assert keep(record(orbax_file, logging.WARNING))
+    assert keep(record(own_file, logging.INFO))
