@@ -6,6 +6,11 @@ import datetime
 import math
 import os
 
+try:
+    import fcntl
+except ImportError:  # Windows has no fcntl.
+    fcntl = None
+
 import jax
 from absl import logging
 
@@ -72,6 +77,33 @@ def prepare_workdir(workdir: str, outputs: list[str], overwrite: bool) -> None:
             f"run directory {workdir!r} already contains {', '.join(existing)}; pass "
             "--overwrite to replace them or choose another --workdir")
     os.makedirs(workdir, exist_ok=True)
+    lock_workdir(workdir)
+
+
+# Lock files this process holds, by absolute run directory, open until it exits.
+_HELD_LOCKS: dict[str, int] = {}
+
+
+def lock_workdir(workdir: str) -> None:
+    """Locks `workdir` for the rest of this process, or raises if another process has it.
+
+    The lock is an exclusive `flock` on `workdir/.lock`. The operating
+    system releases it when the process ends, also when it is killed, so a
+    stale lock file never blocks a restart. NOTE: without `fcntl` (Windows)
+    nothing is locked.
+    """
+    path = os.path.abspath(workdir)
+    if fcntl is None or path in _HELD_LOCKS:
+        return
+    descriptor = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise BlockingIOError(
+            f"run directory {workdir!r} is in use by another process; wait for it to "
+            "finish or choose another --workdir") from None
+    _HELD_LOCKS[path] = descriptor
 
 
 def log_start(command: str, config, workdir: str) -> None:

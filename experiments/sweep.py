@@ -609,6 +609,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str,
     """
     validate_config(config)
     os.makedirs(os.path.join(workdir, POINTS_DIR), exist_ok=True)
+    common.lock_workdir(workdir)
     with jax.enable_x64(True):
         return _run_sweep(config, workdir, overwrite)
 

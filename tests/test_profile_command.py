@@ -122,6 +122,20 @@ def test_command_line_reports_invalid_value_in_one_line(tmp_path):
         "hi-jax profile: error: config.num_sequences=0 is out of range; allowed: >= 3")
 
 
+def test_run_directory_in_use_is_rejected(tmp_path):
+    from experiments import common
+    workdir = tmp_path / "busy"
+    workdir.mkdir()
+    common.lock_workdir(str(workdir))  # Held by this test process until it exits.
+    result = _run_cli("profile", f"--workdir={workdir}", "--config.vocab_size=2",
+                      "--config.response_length=3", "--config.horizon=2",
+                      "--config.num_sequences=6", "--config.num_continuations=2",
+                      cwd=tmp_path)
+    assert result.returncode == 1
+    assert "is in use by another process" in result.stderr.strip().splitlines()[-1]
+    assert not (workdir / "profile.json").exists()
+
+
 def test_command_line_rejects_unknown_command(tmp_path):
     result = _run_cli("train", cwd=tmp_path)
     assert result.returncode == 2
