@@ -89,7 +89,7 @@ def lock_workdir(workdir: str) -> None:
 
     The lock is an exclusive `flock` on `workdir/.lock`. The operating
     system releases it when the process ends, also when it is killed, so a
-    stale lock file never blocks a restart. NOTE: without `fcntl` (Windows)
+    lock file left behind does not block a restart (on a local file system). NOTE: without `fcntl` (Windows)
     nothing is locked.
     """
     path = os.path.abspath(workdir)
