@@ -107,10 +107,7 @@ def summary_markdown(summary: dict) -> str:
             f"{_percent(restored)} of the base model's {base['harm_rate_beyond_horizon']:.3f};"
             f" the deep model's rate under the same attack is "
             f"{deep['harm_rate_beyond_horizon']:.3f}. Shallow alignment predicts a rate "
-            f"near the base model's. Where the standard model's rate is far below it, "
-            f"its recovery rule learnt at t < k carried over to later positions "
-            f"through the shared parameters; how far it carries over varies with the "
-            f"seed and with the floating-point rounding of the machine.",
+            f"near the base model's. " + _shallow_or_carried_over(restored),
         ]
     lines += [
         f"- KL from the base model beyond the horizon on harmful prefixes, summed over "
@@ -135,6 +132,24 @@ def summary_markdown(summary: dict) -> str:
     for name, filename in PLOTS.items():
         lines += [f"![{captions[name]}]({filename})", ""]
     return "\n".join(lines)
+
+
+def _shallow_or_carried_over(restored: float) -> str:
+    """Says whether this run's standard model stayed shallow beyond the horizon.
+
+    `restored` is its prefill harm rate as a fraction of the base model's;
+    at least one half counts as shallow, as in the demo's tests.
+    """
+    if not restored == restored:  # NaN: the base model never continues either.
+        return ""
+    if restored >= 0.5:
+        return ("In this run the standard model stayed shallow: past the horizon it "
+                "kept at least half of the base model's harm rate.")
+    return ("In this run the standard model did not stay shallow: its recovery rule "
+            "learnt at t < k carried over to later positions through the shared "
+            "parameters. How far it carries over varies with the seed and with the "
+            "floating-point rounding of the machine (README, What varies from run "
+            "to run).")
 
 
 def _excess_cross_entropy(summary: dict) -> float:

@@ -37,7 +37,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     common.check_int(config, "num_sequences", 3)
     common.check_int(config, "num_continuations", 2)
     common.check_int(config, "top_k", 0, config.vocab_size - 1)
-    common.check_int(config, "num_branches", 0)
+    common.check_int(config, "num_branches", 0, hi_jax.estimators.MAX_BRANCHES)
     if config.num_branches == 1:
         raise ValueError("config.num_branches=1 is out of range; allowed: 0 (V branches) "
                          "or >= 2")
@@ -52,6 +52,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.model == "npz" and not config.logits_path:
         raise ValueError("config.logits_path must name an .npz file when config.model "
                          "is 'npz'")
+    if config.model == "npz" and not os.path.isfile(config.logits_path):
+        raise ValueError(f"config.logits_path: file {config.logits_path!r} not found")
     if config.model == "transformer":
         common.check_int(config, "width", 1)
         common.check_int(config, "depth", 1)
@@ -59,6 +61,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         common.check_int(config, "mlp_ratio", 1)
     common.check_choice(config, "info_method", hi_jax.estimators.INFO_METHODS)
     common.check_choice(config, "fisher_method", hi_jax.estimators.FISHER_METHODS)
+    _check_estimator_fields(config)
+
+
+def _check_estimator_fields(config) -> None:
+    """Checks the estimator fields that depend on each other, naming the config fields."""
+    method = config.info_method
+    if config.top_k and method not in ("rao_blackwell", "plug_in"):
+        raise ValueError(f"config.top_k={config.top_k} applies to config.info_method "
+                         f"'rao_blackwell' or 'plug_in'; set it to 0 for {method!r}")
+    if config.num_branches and method != "nested":
+        raise ValueError(f"config.num_branches={config.num_branches} applies to "
+                         f"config.info_method 'nested'; set it to 0 for {method!r}")
+    N = config.num_sequences
+    groups = config.num_groups or hi_jax.estimators.default_num_groups(N)
+    if groups < 3:
+        raise ValueError(f"config.num_sequences={N} has no divisor in [3, "
+                         f"{hi_jax.estimators.MAX_GROUPS}] to use as the number of groups; "
+                         "set --config.num_groups to a divisor >= 3 or change "
+                         "config.num_sequences")
+    if N % groups:
+        raise ValueError(f"config.num_groups={groups} must divide config.num_sequences={N}")
+    devices = jax.local_device_count()
+    if config.shard and devices > 1 and (N // groups) % devices:
+        raise ValueError(
+            f"config.num_sequences / config.num_groups = {N} / {groups} = {N // groups} "
+            f"outer samples per group must be divisible by the {devices} local devices; "
+            "change those fields or pass --config.shard=False")
 
 
 def build_policy(key: jax.Array, config) -> hi_jax.Policy:

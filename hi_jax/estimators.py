@@ -66,6 +66,10 @@ from hi_jax.policy import Policy
 INFO_METHODS = ("rao_blackwell", "pick_freeze", "plug_in", "nested")
 FISHER_METHODS = ("exact", "hutchinson")
 MAX_GROUPS = 32
+# NOTE: a sanity bound, not a measured limit: one unit's T x B x M
+# continuations must fit in memory, and far fewer branches already give
+# the nested baseline's variance at any V used here.
+MAX_BRANCHES = 4096
 # Continuations from different positions need different numbers of decode
 # steps. Positions are split into at most this many contiguous buckets, each
 # with one decode loop of static length (the longest in the bucket): more
@@ -183,7 +187,8 @@ def estimate_profile(key: jax.Array, policy: Policy, harm, num_sequences: int = 
       mesh: a one-axis `jax.sharding.Mesh` over which the outer samples of
         each group are sharded (for example `sharding.batch_mesh()` over all
         local devices); N / num_groups must be divisible by its size. None
-        runs on the default device. The numbers do not depend on the mesh.
+        runs on the default device. The numbers do not depend on the mesh,
+        up to float32 rounding (about 1e-6 relative).
 
     Returns:
       A `MonteCarloProfile` of [T] estimates.
@@ -203,9 +208,14 @@ def estimate_profile(key: jax.Array, policy: Policy, harm, num_sequences: int = 
         key = jax.random.wrap_key_data(key)
     unit_sharding = None
     if mesh is not None:
-        unit_sharding = sharding.unit_sharding(
-            mesh, settings.num_sequences // settings.num_groups,
-            "num_sequences / num_groups")
+        N, K = settings.num_sequences, settings.num_groups
+        devices = mesh.shape[sharding.BATCH_AXIS]
+        if (N // K) % devices:
+            raise ValueError(
+                f"num_sequences / num_groups = {N} / {K} = {N // K} outer samples per "
+                f"group must be divisible by the {devices} devices of the mesh; change "
+                "num_sequences or num_groups, or pass mesh=None")
+        unit_sharding = sharding.unit_sharding(mesh, N // K, "num_sequences / num_groups")
     raw = _estimate_raw(key, policy, harm, settings, _groups_per_chunk(policy, settings),
                         unit_sharding)
     raw = jax.device_get(raw)
@@ -244,12 +254,14 @@ def _validate_settings(key, policy, num_sequences, num_continuations, info_metho
                              f"info_method={info_method!r}")
         _check_int("num_branches", num_branches, 2,
                    "the sample variance needs at least 2 branches")
+        if num_branches > MAX_BRANCHES:
+            raise ValueError(f"num_branches must be in [2, MAX_BRANCHES] = [2, "
+                             f"{MAX_BRANCHES}]; got {num_branches}")
     elif info_method == "nested":
         num_branches = V
     _check_int("num_probes", num_probes, 1)
     if num_groups is None:
-        num_groups = max(d for d in range(1, min(num_sequences, MAX_GROUPS) + 1)
-                         if num_sequences % d == 0)
+        num_groups = default_num_groups(num_sequences)
         if num_groups < 3:
             raise ValueError(
                 f"num_sequences={num_sequences} has no divisor in [3, {MAX_GROUPS}] to "
@@ -264,6 +276,12 @@ def _validate_settings(key, policy, num_sequences, num_continuations, info_metho
                              None if num_branches is None else int(num_branches),
                              fisher_method,
                              int(num_probes), int(num_groups))
+
+
+def default_num_groups(num_sequences: int) -> int:
+    """Returns the default number of groups: the largest divisor of N up to `MAX_GROUPS`."""
+    return max(d for d in range(1, min(num_sequences, MAX_GROUPS) + 1)
+               if num_sequences % d == 0)
 
 
 def _check_int(name, value, minimum, reason=""):
@@ -493,6 +511,11 @@ def rademacher_from_bits(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.A
     ceil(size / 32) words and unpacks their bits, which makes the probes of
     a Hutchinson estimate about as cheap as reading them.
     """
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating-point type for signs of -1 and +1; "
+                         f"got {jnp.dtype(dtype)}")
+    if any(int(n) < 0 for n in shape):
+        raise ValueError(f"shape must have non-negative sizes; got {tuple(shape)}")
     size = int(np.prod(shape, dtype=np.int64))
     words = jax.random.bits(key, (-(-size // 32),), jnp.uint32)
     bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1

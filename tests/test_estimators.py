@@ -205,6 +205,8 @@ def test_continuations_keep_prefix_and_follow_conditionals():
     (dict(top_k=1, info_method="nested"), ValueError, "top_k applies"),
     (dict(num_branches=4), ValueError, "num_branches applies to info_method 'nested'"),
     (dict(num_branches=1, info_method="nested"), ValueError, "num_branches must be >= 2"),
+    (dict(num_branches=5000, info_method="nested"), ValueError,
+     r"num_branches must be in \[2, MAX_BRANCHES\] = \[2, 4096\]"),
     (dict(num_probes=0), ValueError, "num_probes must be >= 1"),
     (dict(num_sequences=10, num_groups=4), ValueError, "must divide num_sequences"),
     (dict(num_sequences=37), ValueError, "no divisor"),

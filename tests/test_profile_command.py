@@ -70,10 +70,19 @@ def test_npz_policy_round_trip(tmp_path):
     (dict(top_k=3), r"config.top_k=3 is out of range; allowed: \[0, 2\]"),
     (dict(model="npz"), "config.logits_path must name an .npz file"),
     (dict(model="npz", logits_path="/nonexistent.npz"), "not found"),
+    (dict(num_branches=5000), r"config.num_branches=5000 is out of range; allowed: "
+                              r"\[0, 4096\]"),
+    (dict(info_method="nested", top_k=1), "config.top_k=1 applies to config.info_method"),
+    (dict(num_branches=3), "config.num_branches=3 applies to config.info_method 'nested'"),
+    (dict(num_sequences=8, num_groups=3), "config.num_groups=3 must divide "
+                                          "config.num_sequences=8"),
+    (dict(num_sequences=37), "config.num_sequences=37 has no divisor in"),
 ])
 def test_invalid_config_fields_raise(tmp_path, overrides, fragment):
+    workdir = tmp_path / "run"
     with pytest.raises(ValueError, match=fragment):
-        profile.run_profile(small_config(**overrides), str(tmp_path))
+        profile.run_profile(small_config(**overrides), str(workdir))
+    assert not workdir.exists()
 
 
 def _run_cli(*args, cwd):

@@ -78,6 +78,16 @@ def test_rademacher_from_bits_shape_and_values(shape):
     assert set(np.unique(np.asarray(signs))) <= {-1.0, 1.0}
 
 
+@pytest.mark.parametrize("shape,dtype,fragment", [
+    ((4,), jnp.uint8, "dtype must be a floating-point type"),
+    ((4,), jnp.bool_, "dtype must be a floating-point type"),
+    ((-1,), jnp.float32, "shape must have non-negative sizes"),
+])
+def test_rademacher_from_bits_rejects_bad_input(shape, dtype, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        estimators.rademacher_from_bits(jax.random.key(0), shape, dtype)
+
+
 def test_rademacher_from_bits_are_fair_and_independent():
     n = 2**20
     signs = np.asarray(estimators.rademacher_from_bits(jax.random.key(1), (n,),

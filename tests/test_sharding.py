@@ -97,7 +97,8 @@ def test_mesh_size_must_divide_batch():
         except ValueError as error:
             print(error)
     """)
-    assert "num_sequences / num_groups=6 must be divisible by the 4 devices" in out
+    assert ("num_sequences / num_groups = 18 / 3 = 6 outer samples per group must be "
+            "divisible by the 4 devices") in out
 
 
 def test_profile_command_shards_over_local_devices(tmp_path):
@@ -119,6 +120,13 @@ def test_profile_command_shards_over_local_devices(tmp_path):
             sharded, plain = results[True][field], results[False][field]
             for a, b in zip(sharded["mean"], plain["mean"]):
                 assert abs(a - b) <= 1e-6 * max(1.0, abs(b)), (field, a, b)
+        config.num_sequences, config.num_groups, config.shard = 18, 3, True
+        try:
+            profile.run_profile(config, r"{tmp_path}" + "/indivisible")
+        except ValueError as error:
+            assert "--config.shard=False" in str(error), error
+        else:
+            raise AssertionError("6 outer samples per group on 4 devices passed")
         print("ok")
     """)
     assert out.strip().endswith("ok")
