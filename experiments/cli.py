@@ -72,7 +72,7 @@ def _define_flags(default_config: str) -> None:
 
 
 class _DropOrbaxInfo(std_logging.Filter):
-    """Drops the INFO lines of orbax-checkpoint, about 250 per demo; its warnings pass."""
+    """Filter that drops orbax-checkpoint's INFO lines (about 250 per demo) and keeps its warnings."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         return (record.levelno >= std_logging.WARNING

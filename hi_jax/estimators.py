@@ -66,23 +66,23 @@ from hi_jax.policy import Policy
 INFO_METHODS = ("rao_blackwell", "pick_freeze", "plug_in", "nested")
 FISHER_METHODS = ("exact", "hutchinson")
 MAX_GROUPS = 32
-# NOTE: a sanity bound, not a measured limit: one unit's T x B x M
-# continuations must fit in memory, and far fewer branches already give
-# the nested baseline's variance at any V used here.
+# NOTE: a sanity bound, not a measured limit. It rejects counts whose
+# T x B x M continuations per unit would overflow or exhaust memory.
 MAX_BRANCHES = 4096
 # Continuations from different positions need different numbers of decode
 # steps. Positions are split into at most this many contiguous buckets, each
-# with one decode loop of static length (the longest in the bucket): more
+# with one decode loop of static length (the longest in the bucket). More
 # buckets discard fewer steps but compile more loops. With T positions in
 # buckets of n, about (n - 1) / T of the decode steps are discarded.
 MAX_DECODE_LOOPS = 8
 # Units are sampled in chunks of whole groups, all units of a chunk in one
 # vmap. A chunk contains as many groups as keep the forked caches of its
 # continuations within this many bytes (at least one group). Larger chunks
-# run fewer, larger operations, but on a CPU, caches much larger than its
-# last-level cache are read from memory at every decode step: on the 2-core
+# run fewer, larger operations. But on a CPU, caches much larger than its
+# last-level cache are read from memory at every decode step. On the 2-core
 # machine of docs/benchmarks.md, a whole I_t profile took 0.89 s with 38 MB
-# chunks, 0.93 s with 75 MB and 1.27 s with 300 MB.
+# chunks, 0.93 s with 75 MB and 1.27 s with 300 MB (before the cache layout
+# of `transformer` changed).
 MAX_CHUNK_CACHE_BYTES = 2**26
 
 
@@ -208,14 +208,8 @@ def estimate_profile(key: jax.Array, policy: Policy, harm, num_sequences: int = 
         key = jax.random.wrap_key_data(key)
     unit_sharding = None
     if mesh is not None:
-        N, K = settings.num_sequences, settings.num_groups
-        devices = mesh.shape[sharding.BATCH_AXIS]
-        if (N // K) % devices:
-            raise ValueError(
-                f"num_sequences / num_groups = {N} / {K} = {N // K} outer samples per "
-                f"group must be divisible by the {devices} devices of the mesh; change "
-                "num_sequences or num_groups, or pass mesh=None")
-        unit_sharding = sharding.unit_sharding(mesh, N // K, "num_sequences / num_groups")
+        unit_sharding = sharding.unit_sharding(mesh, settings.num_sequences,
+                                               settings.num_groups)
     raw = _estimate_raw(key, policy, harm, settings, _groups_per_chunk(policy, settings),
                         unit_sharding)
     raw = jax.device_get(raw)
@@ -582,7 +576,7 @@ def _estimate_raw(key, policy, harm, settings: EstimatorSettings, chunk: int,
         return jax.jacrev(surrogate)(policy.params)
 
     def groups(keys):
-        # Sampling is vmapped over every unit of the chunk's groups; the
+        # Sampling is vmapped over every unit of the chunk's groups. The
         # gradients, whose outputs have T x P entries, are mapped per group.
         stats = jax.vmap(jax.vmap(lambda k: _unit(k, policy, harm, settings)))(keys)
         tokens, coefficients = stats.pop("tokens"), stats.pop("coefficients")

@@ -39,8 +39,8 @@ def _decode(key: jax.Array, policy: Policy, cache: PyTree, logits: jax.Array,
       buffer: int [M, T]; positions < start are kept.
       start: int scalar in [0, T]; at T nothing is sampled.
       num_steps: None loops from `start` to T. A static int runs exactly
-        that many steps from `start`, which must be at least T - start;
-        steps past position T - 1 repeat position T - 1 and are discarded.
+        that many steps from `start` and must be at least T - start. Steps
+        past position T - 1 repeat position T - 1 and are discarded.
 
     Returns:
       int [M, T] responses.

@@ -33,9 +33,19 @@ def _check_divisible(mesh: Mesh, size: int, field_name: str) -> None:
                          "the mesh; change the sample counts or use fewer devices")
 
 
-def unit_sharding(mesh: Mesh, per_group: int, field_name: str) -> NamedSharding:
-    """Sharding of [chunks, groups, n] keys: each group's n outer samples split over devices."""
-    _check_divisible(mesh, per_group, field_name)
+def unit_sharding(mesh: Mesh, num_sequences: int, num_groups: int) -> NamedSharding:
+    """Sharding of [chunks, groups, n] keys: each group's n outer samples split over devices.
+
+    Raises:
+      ValueError: if n = num_sequences / num_groups is not divisible by the
+        number of devices.
+    """
+    per_group, count = num_sequences // num_groups, mesh.shape[BATCH_AXIS]
+    if per_group % count:
+        raise ValueError(
+            f"num_sequences / num_groups = {num_sequences} / {num_groups} = {per_group} "
+            f"outer samples per group must be divisible by the {count} devices of the "
+            "mesh; change num_sequences or num_groups, or pass mesh=None")
     return NamedSharding(mesh, PartitionSpec(None, None, BATCH_AXIS))
 
 

@@ -73,9 +73,9 @@ def test_standard_alignment_acts_inside_the_horizon(demo_run):
     # ... with nearly all of the on-policy KL inside the horizon.
     assert standard["kl_within_horizon_fraction"] > 0.8
     # NOTE: the standard model's harm rate under prefills past the horizon is
-    # not asserted. Over seeds 0-3 of this config it was 0.16, 0.90, 0.004 and
-    # 0.001 (base about 0.95): the recovery rule that the horizon-2 harm
-    # rewards at position 1 carries over to later positions in most seeds.
+    # not asserted. Over four seeds of this config it was 0.001 to 0.90 (base
+    # about 0.95), because the recovery rule that the horizon-2 harm rewards
+    # at position 1 carries over to later positions in most runs.
 
 
 def test_deep_alignment_recovers_beyond_horizon(demo_run):

@@ -122,7 +122,7 @@ def test_nested_bias_is_the_continuation_noise():
         assert np.all(np.abs(z) < Z_MAX), (field, z)
 
 
-def test_nested_defaults_to_one_branch_per_token():
+def test_nested_default_branches_equal_vocab():
     policy, harm = random_world(3, 3, 0)
     estimate = estimate_profile(jax.random.key(0), policy, harm, num_sequences=6,
                                 num_continuations=2, info_method="nested")

@@ -49,7 +49,7 @@ def test_static_steps_give_the_same_responses(name):
     np.testing.assert_array_equal(branch_all(T - 1), branch_all(None))
 
 
-def test_estimates_do_not_depend_on_buckets_or_chunks(monkeypatch):
+def test_estimates_independent_of_chunking(monkeypatch):
     policy = _policies()["transformer"]
     harm = lambda y: (y == 0).mean(-1)  # noqa: E731
     kwargs = dict(num_sequences=12, num_continuations=2, num_groups=4,
@@ -71,7 +71,7 @@ def test_estimates_do_not_depend_on_buckets_or_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [(1,), (31,), (32,), (33,), (7, 45)])
-def test_rademacher_from_bits_shape_and_values(shape):
+def test_packed_signs_shape_and_values(shape):
     signs = estimators.rademacher_from_bits(jax.random.key(0), shape, jnp.float32)
     assert signs.shape == shape
     assert signs.dtype == jnp.float32
@@ -83,12 +83,12 @@ def test_rademacher_from_bits_shape_and_values(shape):
     ((4,), jnp.bool_, "dtype must be a floating-point type"),
     ((-1,), jnp.float32, "shape must have non-negative sizes"),
 ])
-def test_rademacher_from_bits_rejects_bad_input(shape, dtype, fragment):
+def test_packed_signs_reject_bad_input(shape, dtype, fragment):
     with pytest.raises(ValueError, match=fragment):
         estimators.rademacher_from_bits(jax.random.key(0), shape, dtype)
 
 
-def test_rademacher_from_bits_are_fair_and_independent():
+def test_packed_signs_fair_and_independent():
     n = 2**20
     signs = np.asarray(estimators.rademacher_from_bits(jax.random.key(1), (n,),
                                                        jnp.float32), np.float64)
